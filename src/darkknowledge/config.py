@@ -1,0 +1,264 @@
+"""Recipes: pydantic models, validated at construction; unknown keys are refused.
+
+Components are chosen by registry name only (``model.name``, ``data.name``,
+``teacher.kind``), never by import path, so a recipe can never make the tool run code
+that it does not ship. Relative paths resolve against the recipe's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
+
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _resolve(v: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    v = v.expanduser()
+    if not v.is_absolute() and base is not None:
+        v = Path(base) / v
+    return v
+
+
+def _must_exist(v: Path, info: ValidationInfo) -> Path:
+    v = _resolve(v, info)
+    if not v.exists():
+        raise ValueError(f"path does not exist: {v}")
+    return v
+
+
+RecipePath = Annotated[Path, AfterValidator(_resolve)]
+ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- models
+
+
+class MLPConfig(Strict):
+    name: Literal["mlp"]
+    hidden: list[PosInt] = [800, 800]
+    dropout: Dropout = 0.0
+    input_dropout: Dropout = 0.0
+    max_norm: PosFloat | None = None
+
+
+class LeNet5Config(Strict):
+    name: Literal["lenet5"]
+
+
+class SmallCNNConfig(Strict):
+    name: Literal["small_cnn"]
+    width: PosInt = 32
+
+
+class SmallResNetConfig(Strict):
+    name: Literal["small_resnet"]
+    width: PosInt = 16
+    blocks: list[PosInt] = [2, 2, 2]
+
+
+ModelConfig = Annotated[
+    MLPConfig | LeNet5Config | SmallCNNConfig | SmallResNetConfig,
+    Field(discriminator="name"),
+]
+
+# ---------------------------------------------------------------- data
+
+
+class TransferConfig(Strict):
+    """The transfer set: what the student is distilled on, if not the training set."""
+
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    omit_classes: list[Annotated[int, Field(ge=0)]] = []
+    labels: bool = True  # False: an unlabelled transfer set (soft targets only)
+
+
+class _DataBase(Strict):
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    split_seed: int = 0
+    limit: PosInt | None = None  # use only the first N training examples (quick runs)
+    transfer: TransferConfig | None = None
+
+
+class DigitsData(_DataBase):
+    """scikit-learn's 8×8 digits (1,797 images), split here into train/val/test."""
+
+    name: Literal["digits"]
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+
+
+class IdxData(_DataBase):
+    """A folder in the MNIST IDX layout (train/t10k images and labels, .gz or not)."""
+
+    name: Literal["idx"]
+    path: ExistingPath
+
+
+DataConfig = Annotated[DigitsData | IdxData, Field(discriminator="name")]
+
+# ---------------------------------------------------------------- training
+
+
+class TrainConfig(Strict):
+    epochs: PosInt = 10
+    max_steps: PosInt | None = None
+    batch_size: PosInt = 128
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: PosFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    schedule: Literal["constant", "cosine", "one_cycle"] = "cosine"
+    augment: Literal["none", "jitter"] = "none"
+    jitter_px: Annotated[int, Field(ge=1, le=8)] = 2
+    grad_clip: PosFloat | None = None
+    seed: int = 0
+    checkpoint_every: PosInt | None = None  # steps; None: at the end of every epoch
+
+
+# ---------------------------------------------------------------- teachers
+
+
+class MemberConfig(Strict):
+    """One network: loaded from ``checkpoint``, or trained first with ``train``."""
+
+    model: ModelConfig
+    checkpoint: ExistingPath | None = None
+    train: TrainConfig = TrainConfig()
+    seed: int | None = None  # shorthand for train.seed
+
+
+class ModuleTeacherConfig(MemberConfig):
+    kind: Literal["module"]
+
+
+class EnsembleTeacherConfig(Strict):
+    kind: Literal["ensemble"]
+    combine: Literal["prob_mean", "logit_mean"] = "prob_mean"
+    weights: list[Annotated[float, Field(ge=0.0)]] | None = None
+    members: Annotated[list[MemberConfig], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _weights_match(self):
+        if self.weights is not None:
+            if len(self.weights) != len(self.members):
+                raise ValueError(
+                    f"weights has {len(self.weights)} entries but there are "
+                    f"{len(self.members)} members: give one weight per member"
+                )
+            if sum(self.weights) <= 0:
+                raise ValueError("weights must not all be 0")
+        return self
+
+
+TeacherConfig = Annotated[ModuleTeacherConfig | EnsembleTeacherConfig, Field(discriminator="kind")]
+
+
+class StudentConfig(Strict):
+    model: ModelConfig
+
+
+# ---------------------------------------------------------------- losses
+
+
+class HintonKDConfig(Strict):
+    temperature: PosFloat = 4.0
+    alpha: Fraction = 0.9
+    weight: Annotated[float, Field(ge=0.0)] = 1.0
+
+
+class DivergenceConfig(Strict):
+    temperature: PosFloat = 1.0
+    weight: Annotated[float, Field(ge=0.0)] = 1.0
+
+
+class JSDConfig(DivergenceConfig):
+    beta: Fraction = 0.5
+
+
+class CEConfig(Strict):
+    weight: Annotated[float, Field(ge=0.0)] = 1.0
+
+
+class LossConfig(Strict):
+    hinton_kd: HintonKDConfig | None = None
+    forward_kl: DivergenceConfig | None = None
+    reverse_kl: DivergenceConfig | None = None
+    jsd: JSDConfig | None = None
+    tvd: DivergenceConfig | None = None
+    ce: CEConfig | None = None
+
+    def active(self) -> dict[str, Strict]:
+        return {k: v for k, v in self if v is not None}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(k != "ce" for k in self.active())
+
+
+# ---------------------------------------------------------------- eval and recipe
+
+
+class EvalConfig(Strict):
+    latency: bool = True  # time CPU latency (batch 1) and throughput (batch 256)
+    latency_runs: PosInt = 50
+    ece_bins: PosInt = 15
+    plain_baseline: bool = False  # also train the student without a teacher, same budget
+
+
+class Recipe(Strict):
+    """One experiment: data → (teacher) → student, trained with ``loss`` and ``train``."""
+
+    name: str | None = None
+    data: DataConfig
+    teacher: TeacherConfig | None = None
+    student: StudentConfig
+    loss: LossConfig | None = None
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _loss_fits_teacher(self):
+        loss = self.loss
+        if loss is not None:
+            if not loss.active():
+                raise ValueError("loss: no loss term is set; add one, e.g. 'ce: {}'")
+            if loss.needs_teacher and self.teacher is None:
+                names = ", ".join(k for k in loss.active() if k != "ce")
+                raise ValueError(
+                    f"loss term(s) {names} need a teacher: add a 'teacher:' section, "
+                    "or use 'loss: {ce: {}}' for plain training"
+                )
+        t = self.data.transfer
+        if t is not None and self.teacher is None:
+            raise ValueError(
+                "data.transfer needs a teacher: a transfer set is what "
+                "the teacher labels for the student"
+            )
+        if t is not None and not t.labels and loss is not None and loss.ce is not None:
+            raise ValueError("loss.ce needs labels but data.transfer.labels is false")
+        return self
+
+    def resolved_loss(self) -> LossConfig:
+        """The loss as written, or the default: Hinton KD with a teacher, CE without."""
+        if self.loss is not None:
+            return self.loss
+        if self.teacher is None:
+            return LossConfig(ce=CEConfig())
+        return LossConfig(hinton_kd=HintonKDConfig())

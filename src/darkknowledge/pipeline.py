@@ -1,0 +1,245 @@
+"""Recipe → data → teacher → signals → student → evaluation → report.
+
+``run_recipe`` is what ``dk run`` and the job service call. Each phase (a teacher
+member's training, the student, the plain baseline) lives in its own folder of the run
+directory and is skipped when already finished, resumed when interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from .config import LossConfig, MemberConfig, Recipe, StudentConfig, TrainConfig
+from .data import DataSplits, load_data
+from .errors import DKError
+from .evaluate import bytes_on_disk, param_count, predict_logits, quality, speed
+from .export import load_weights, save_model
+from .losses import CE, JSD, TVD, ForwardKL, HintonKD, LossStack, ReverseKL
+from .recipe_io import dump_recipe
+from .registry import build_model
+from .report import write_report
+from .teachers import CachedTeacher, Ensemble, ModuleTeacher, Teacher
+from .train import CKPT, fit
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    report: dict
+    student: nn.Module
+
+
+def build_loss(cfg: LossConfig) -> LossStack:
+    """The recipe's ``loss:`` section as a weighted stack of named terms."""
+    terms: dict[str, tuple[float, object]] = {}
+    for name, c in cfg.active().items():
+        if name == "hinton_kd":
+            term = HintonKD(c.temperature, c.alpha)
+        elif name == "forward_kl":
+            term = ForwardKL(c.temperature)
+        elif name == "reverse_kl":
+            term = ReverseKL(c.temperature)
+        elif name == "jsd":
+            term = JSD(c.beta, c.temperature)
+        elif name == "tvd":
+            term = TVD(c.temperature)
+        else:
+            term = CE()
+        terms[name] = (c.weight, term)
+    return LossStack(terms)
+
+
+def seeded_model(model_cfg, input_shape, num_classes: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(model_cfg, input_shape, num_classes)
+
+
+def train_member(member: MemberConfig, data: DataSplits, folder: Path, resume: bool) -> nn.Module:
+    """A teacher network: loaded from its checkpoint, or trained (once) on the labelled set."""
+    shape, nc = data.train.input_shape, data.train.num_classes
+    train_cfg = member.train
+    if member.seed is not None:
+        train_cfg = train_cfg.model_copy(update={"seed": member.seed})
+    model = seeded_model(member.model, shape, nc, train_cfg.seed)
+    if member.checkpoint is not None:
+        return load_weights(model, member.checkpoint, "teacher checkpoint").eval()
+    done = folder / "model.safetensors"
+    if done.exists():
+        return load_weights(model, done, "teacher").eval()
+    res = fit(
+        model,
+        data.train,
+        train_cfg,
+        LossStack.of(CE()),
+        None,
+        data.val,
+        folder,
+        resume=resume,
+        desc=f"teacher {folder.name}",
+    )
+    save_model(res.model, member.model, shape, nc, folder)
+    return res.model.eval()
+
+
+def build_teacher(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool) -> Teacher | None:
+    tc = recipe.teacher
+    if tc is None:
+        return None
+    if tc.kind == "module":
+        return ModuleTeacher(train_member(tc, data, run_dir / "teacher", resume))
+    nets = [
+        train_member(m, data, run_dir / "teacher" / f"member_{i}", resume)
+        for i, m in enumerate(tc.members)
+    ]
+    return Ensemble(nets, tc.combine, tc.weights)
+
+
+def train_student(
+    model_cfg: StudentConfig,
+    train_set,
+    data: DataSplits,
+    train_cfg: TrainConfig,
+    loss: LossStack,
+    teacher: Teacher | None,
+    folder: Path,
+    resume: bool,
+    desc: str,
+) -> tuple[nn.Module, dict]:
+    shape, nc = data.train.input_shape, data.train.num_classes
+    model = seeded_model(model_cfg.model, shape, nc, train_cfg.seed)
+    done = folder / "model.safetensors"
+    if done.exists():
+        info = json.loads((folder / "train.json").read_text())
+        return load_weights(model, done, desc).eval(), info
+    res = fit(model, train_set, train_cfg, loss, teacher, data.val, folder, resume, desc)
+    info = {
+        "steps": res.steps,
+        "resumed_from": res.resumed_from,
+        "wall_s": res.wall_s,
+        "history": res.history,
+    }
+    (folder / "train.json").write_text(json.dumps(info))
+    save_model(res.model, model_cfg.model, shape, nc, folder)
+    (folder / CKPT).unlink(missing_ok=True)
+    return res.model, info
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
+    """Refuse to mix runs: an existing run is continued (--resume) or replaced (--force)."""
+    resolved = dump_recipe(recipe)
+    cfg_file = run_dir / "config.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if force:
+            shutil.rmtree(run_dir)
+        elif not resume:
+            raise DKError(
+                f"{run_dir}: run directory already exists; add --resume to continue it, "
+                "--force to start over, or --out for a new one"
+            )
+        elif cfg_file.exists() and cfg_file.read_text() != resolved:
+            old = yaml.safe_load(cfg_file.read_text())
+            new = yaml.safe_load(resolved)
+            key = _first_difference(old, new)
+            raise DKError(
+                f"{run_dir}: cannot resume, the recipe differs from the run's config.yaml "
+                f"at {key}; resume with the same recipe and overrides, or use --out"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(resolved)
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return prefix.rstrip(".") or "(top level)"
+
+
+def run_recipe(
+    recipe: Recipe,
+    run_dir: str | Path,
+    resume: bool = False,
+    force: bool = False,
+) -> RunResult:
+    """Run one recipe end to end into ``run_dir``; see the module docstring."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, recipe, resume, force)
+    data = load_data(recipe.data)
+    shape = data.train.input_shape
+    teacher = build_teacher(recipe, data, run_dir, resume)
+    loss = build_loss(recipe.resolved_loss())
+    signals_from = teacher
+    if teacher is not None and recipe.train.augment == "none":
+        # Fixed inputs: the teacher's outputs for the transfer set are computed once.
+        signals_from = CachedTeacher(teacher, data.transfer.x, data.transfer.ids)
+    student, info = train_student(
+        recipe.student,
+        data.transfer,
+        data,
+        recipe.train,
+        loss,
+        signals_from,
+        run_dir / "student",
+        resume,
+        "distil" if teacher else "student",
+    )
+    rows: dict[str, dict] = {}
+    teacher_logits = None
+    ev = recipe.eval
+    if teacher is not None:
+        teacher_logits = predict_logits(teacher, data.test)
+        mods = teacher.modules()
+        rows["teacher"] = _row(teacher, teacher_logits, data, mods, None, ev, shape)
+    if ev.plain_baseline and teacher is not None:
+        plain, pinfo = train_student(
+            recipe.student,
+            data.train,
+            data,
+            recipe.train,
+            LossStack.of(CE()),
+            None,
+            run_dir / "plain",
+            resume,
+            "plain",
+        )
+        rows["plain"] = _row(
+            plain, predict_logits(plain, data.test), data, [plain], teacher_logits, ev, shape
+        ) | {"train": pinfo}
+    name = "student" if teacher is not None else "model"
+    rows[name] = _row(
+        student, predict_logits(student, data.test), data, [student], teacher_logits, ev, shape
+    ) | {"train": info}
+    if "teacher" in rows and ev.latency:
+        for r in rows.values():
+            r["speedup_vs_teacher"] = rows["teacher"]["latency_ms_b1"] / r["latency_ms_b1"]
+    report = {
+        "recipe": recipe.name or run_dir.name,
+        "data": data.description,
+        "sizes": {
+            "train": len(data.train),
+            "transfer": len(data.transfer),
+            "val": len(data.val),
+            "test": len(data.test),
+        },
+        "loss": recipe.resolved_loss().model_dump(exclude_none=True),
+        "rows": rows,
+    }
+    write_report(report, run_dir)
+    return RunResult(run_dir, report, student)
+
+
+def _row(model, logits, data: DataSplits, modules, teacher_logits, ev, shape) -> dict:
+    row = quality(logits, data.test.y, teacher_logits, ev.ece_bins)
+    row["params"] = param_count(modules)
+    row["bytes"] = bytes_on_disk(modules)
+    if ev.latency:
+        row.update(speed(model, shape, ev.latency_runs))
+    return row

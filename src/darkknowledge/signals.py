@@ -1,0 +1,75 @@
+"""What a teacher hands to the loss stack.
+
+A teacher may give any subset of these. Classification: one distribution per example,
+shapes ``(B, V)``; token sequences: one per position, ``(B, T, V)`` with ``mask (B, T)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Signals:
+    logits: Tensor | None = None  # dense logits (B, V) or (B, T, V)
+    topk_ids: Tensor | None = None  # (B, K) or (B, T, K), int64
+    topk_logprobs: Tensor | None = None  # (B, K) or (B, T, K), log p at T=1
+    tail_mass: Tensor | None = None  # (B,) or (B, T): 1 − Σ top-k probabilities
+    hidden: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, [T,] H)
+    mask: Tensor | None = None  # (B,) or (B, T) valid positions
+    text: list[str] | None = None  # generated text (sequence-level KD)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Names of the signals present, e.g. ``['logits']``."""
+        out = []
+        if self.logits is not None:
+            out.append("logits")
+        if self.topk_ids is not None:
+            out.append("topk")
+        if self.hidden:
+            out.append("hidden")
+        if self.text is not None:
+            out.append("text")
+        return out
+
+    def index(self, idx: Tensor) -> Signals:
+        """Rows ``idx`` of every tensor signal (for caches keyed by example)."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return Signals(
+            logits=pick(self.logits),
+            topk_ids=pick(self.topk_ids),
+            topk_logprobs=pick(self.topk_logprobs),
+            tail_mass=pick(self.tail_mass),
+            hidden={k: v[idx] for k, v in self.hidden.items()},
+            mask=pick(self.mask),
+            text=None if self.text is None else [self.text[i] for i in idx.tolist()],
+        )
+
+    @staticmethod
+    def cat(parts: list[Signals]) -> Signals:
+        """Concatenate along the example dimension."""
+
+        def cat(name: str) -> Tensor | None:
+            xs = [getattr(p, name) for p in parts]
+            return None if xs[0] is None else torch.cat(xs)
+
+        hidden = {k: torch.cat([p.hidden[k] for p in parts]) for k in parts[0].hidden}
+        texts = None
+        if parts[0].text is not None:
+            texts = [t for p in parts for t in p.text]  # type: ignore[union-attr]
+        return Signals(
+            logits=cat("logits"),
+            topk_ids=cat("topk_ids"),
+            topk_logprobs=cat("topk_logprobs"),
+            tail_mass=cat("tail_mass"),
+            hidden=hidden,
+            mask=cat("mask"),
+            text=texts,
+        )

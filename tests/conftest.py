@@ -1,0 +1,18 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    d = SHARED / "mnist"
+    if not d.exists():
+        pytest.skip(f"{d} not present")
+    return d
