@@ -36,7 +36,9 @@ def _resolve(v: Path, info: ValidationInfo) -> Path:
 def _must_exist(v: Path, info: ValidationInfo) -> Path:
     v = _resolve(v, info)
     if not v.exists():
-        raise ValueError(f"path does not exist: {v}")
+        raise ValueError(
+            f"path does not exist: {v} (relative paths resolve against the recipe's folder)"
+        )
     return v
 
 

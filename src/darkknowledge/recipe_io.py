@@ -130,6 +130,8 @@ def _one(e: dict, data: Any) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     got = e.get("input")
+    if kind == "value_error":
+        return f"{where}: {msg}"
     show = (
         ""
         if kind.startswith("union_tag") or isinstance(got, (dict, list)) or got is None

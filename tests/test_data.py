@@ -1,0 +1,100 @@
+import gzip
+
+import pytest
+import torch
+
+from darkknowledge.config import DigitsData, IdxData
+from darkknowledge.data import (
+    jitter,
+    load_data,
+    load_digits_split,
+    make_transfer_set,
+    read_idx,
+    split_train_val,
+)
+from darkknowledge.errors import DKError
+
+
+def test_read_real_mnist_test_split(mnist_dir):
+    images = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")
+    assert images.shape == (10000, 28, 28) and images.dtype.name == "uint8"
+    assert labels.shape == (10000,)
+    assert sorted(set(labels.tolist())) == list(range(10))
+    # the first test digit of MNIST is a 7
+    assert labels[0] == 7
+
+
+def test_load_mnist_folder_with_limit(mnist_dir):
+    cfg = IdxData(name="idx", path=mnist_dir, limit=2000, val_fraction=0.1)
+    d = load_data(cfg)
+    assert d.train.x.shape[1:] == (1, 28, 28)
+    assert len(d.train) + len(d.val) == 2000 and len(d.test) == 10000
+    assert 0.0 <= float(d.train.x.min()) and float(d.train.x.max()) <= 1.0
+    assert d.train.num_classes == 10
+
+
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        (b"\x01\x02\x08\x01\x00\x00\x00\x02ab", "bad magic"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x05ab", "holds 2 bytes"),
+        (b"\x00\x00", "bad magic"),
+    ],
+)
+def test_bad_idx_files(tmp_path, payload, needle):
+    p = tmp_path / "x-idx1-ubyte"
+    p.write_bytes(payload)
+    with pytest.raises(DKError, match=needle):
+        read_idx(p)
+    g = tmp_path / "x.gz"
+    g.write_bytes(gzip.compress(payload)[:-4])  # truncated gzip
+    with pytest.raises(DKError, match=str(g.name)):
+        read_idx(g)
+
+
+def test_digits_split_is_seeded_and_disjoint():
+    a_train, a_test = load_digits_split(0.3, 0)
+    b_train, _b_test = load_digits_split(0.3, 0)
+    c_train, _ = load_digits_split(0.3, 1)
+    assert torch.equal(a_train.ids, b_train.ids) and not torch.equal(a_train.ids, c_train.ids)
+    assert set(a_train.ids.tolist()).isdisjoint(a_test.ids.tolist())
+    assert len(a_train) + len(a_test) == 1797
+    tr, va = split_train_val(a_train, 0.1, 0)
+    assert set(tr.ids.tolist()).isdisjoint(va.ids.tolist())
+    assert len(tr) + len(va) == len(a_train)
+
+
+def test_transfer_set_omits_classes_and_labels():
+    train, _ = load_digits_split()
+    t = make_transfer_set(train, fraction=0.5, omit_classes=[3], labels=True, seed=0)
+    assert 3 not in set(t.y.tolist())
+    assert abs(len(t) - 0.5 * int((train.y != 3).sum())) <= 1
+    assert set(t.ids.tolist()) <= set(train.ids.tolist())
+    u = make_transfer_set(train, labels=False)
+    assert u.y is None and len(u) == len(train)
+    with pytest.raises(DKError, match="class 12"):
+        make_transfer_set(train, omit_classes=[12])
+
+
+def test_data_config_transfer_section():
+    d = load_data(DigitsData(name="digits", transfer={"omit_classes": [0, 1], "labels": False}))
+    assert d.transfer.y is None
+    assert not set(d.transfer.ids.tolist()) & set(
+        d.train.ids[(d.train.y == 0) | (d.train.y == 1)].tolist()
+    )
+
+
+def test_jitter_shifts_within_bounds_and_is_seeded():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3:5, 3:5] = 1.0  # a 2x2 blob in the middle
+    a = jitter(x, 2, torch.Generator().manual_seed(0))
+    b = jitter(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert a.shape == x.shape
+    assert torch.equal(a.sum((1, 2, 3)), x.sum((1, 2, 3)))  # blob stays inside: nothing lost
+    # every image is a translate of the original by at most 2 px
+    for i in range(64):
+        ys, xs = a[i, 0].nonzero(as_tuple=True)
+        assert 1 <= int(ys.min()) <= 5 and 1 <= int(xs.min()) <= 5
+    assert len({tuple(a[i, 0].nonzero()[0].tolist()) for i in range(64)}) > 5
