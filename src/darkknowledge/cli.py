@@ -19,6 +19,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run")
     r.add_argument("--force", action="store_true", help="delete an existing run directory first")
+    r.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="run student seeds 0..N-1 into OUT/seed_<s> (teacher trained once) and "
+        "print mean ± sd",
+    )
 
     v = sub.add_parser("validate", help="check a recipe and print it resolved")
     v.add_argument("recipe")
@@ -35,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options (dk run r.yaml --out x train.seed=2).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.cmd not in ("run", "validate") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return _dispatch(args)
     except DKError as e:
@@ -69,6 +82,23 @@ def _dispatch(args) -> int:
 
         recipe, _ = load_recipe(args.recipe, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+        if args.seeds is not None:
+            from .pipeline import run_seeds
+            from .report import seeds_table
+
+            if args.seeds < 1:
+                raise DKError("--seeds: give a number of seeds ≥ 1")
+            summary = run_seeds(
+                args.recipe,
+                args.overrides,
+                list(range(args.seeds)),
+                out,
+                resume=args.resume,
+                force=args.force,
+            )
+            print(seeds_table(summary))
+            print(f"\nsummary: {out / 'summary.json'}")
+            return 0
         res = run_recipe(recipe, out, resume=args.resume, force=args.force)
         print(table(res.report))
         print(f"\nreport: {out / 'report.md'}")

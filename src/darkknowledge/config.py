@@ -222,6 +222,9 @@ class EvalConfig(Strict):
     latency_runs: PosInt = 50
     ece_bins: PosInt = 15
     plain_baseline: bool = False  # also train the student without a teacher, same budget
+    # Extra report row with the student's logit for a class raised by a constant, as in
+    # Hinton et al. (2015) §3 after leaving a class out of the transfer set: {3: 3.5}.
+    bias_shift: dict[Annotated[int, Field(ge=0)], float] | None = None
 
 
 class Recipe(Strict):

@@ -10,8 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .pipeline import run_recipe
-from .recipe_io import load_recipe
+from .pipeline import run_seeds
 from .report import write_report
 
 RECIPE = "cnn-ensemble_to_mlp256_digits.yaml"
@@ -26,53 +25,10 @@ def recipe_path() -> Path:
 
 
 def run_demo(out: Path, seeds: int = 3) -> str:
-    path = recipe_path()
-    reports = []
-    for s in range(seeds):
-        overrides = [f"train.seed={s}"]
-        if s > 0:
-            first = out / "seed_0" / "teacher"
-            overrides += [
-                f"teacher.members.{i}.checkpoint={first / f'member_{i}' / 'model.safetensors'}"
-                for i in range(3)
-            ]
-        recipe, _ = load_recipe(path, overrides)
-        reports.append(run_recipe(recipe, out / f"seed_{s}", force=True).report)
-    summary = summarize(reports)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = run_seeds(recipe_path(), [], list(range(seeds)), out, force=True)
+    reports = [json.loads((out / f"seed_{s}" / "report.json").read_text()) for s in range(seeds)]
     write_report(_mean_report(reports, summary), out)
     return format_summary(summary, out)
-
-
-def summarize(reports: list[dict]) -> dict:
-    rows = {}
-    for name in reports[0]["rows"]:
-        accs = [100 * r["rows"][name]["accuracy"] for r in reports]
-        first = reports[0]["rows"][name]
-        rows[name] = {
-            "acc_mean": statistics.mean(accs),
-            "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "accs": accs,
-            "params": first["params"],
-            "bytes": first["bytes"],
-            "latency_ms_b1": statistics.median(r["rows"][name]["latency_ms_b1"] for r in reports),
-            "throughput_b256": statistics.median(
-                r["rows"][name]["throughput_b256"] for r in reports
-            ),
-        }
-    t = rows["teacher"]["latency_ms_b1"]
-    for r in rows.values():
-        r["speedup_vs_teacher"] = t / r["latency_ms_b1"]
-    p, d = rows["plain"], rows["student"]
-    pooled = ((p["acc_sd"] ** 2 + d["acc_sd"] ** 2) / 2) ** 0.5
-    gain = d["acc_mean"] - p["acc_mean"]
-    return {
-        "seeds": len(reports),
-        "rows": rows,
-        "gain_points": gain,
-        "pooled_sd": pooled,
-        "gain_over_pooled_sd": gain / pooled if pooled > 0 else float("inf"),
-    }
 
 
 def format_summary(summary: dict, out: Path) -> str:
@@ -83,7 +39,7 @@ def format_summary(summary: dict, out: Path) -> str:
     }
     head = f"{'':<20} {'test acc % (mean ± sd)':>24} {'params':>9} {'KB':>7} {'ms @ b1':>8} {'speed-up':>9}"
     lines = [
-        f"darkknowledge demo: sklearn digits, {summary['seeds']} seeds",
+        f"darkknowledge demo: sklearn digits, {len(summary['seeds'])} seeds",
         "",
         head,
         "-" * len(head),
@@ -104,9 +60,9 @@ def format_summary(summary: dict, out: Path) -> str:
 
 
 def _mean_report(reports: list[dict], summary: dict) -> dict:
-    """Seed 0's report with accuracies replaced by the means, for the plots."""
+    """Seed 0's report with accuracies and error counts replaced by the means (plots)."""
     rep = json.loads(json.dumps(reports[0]))
-    rep["recipe"] = f"demo ({summary['seeds']} seeds; accuracy = mean)"
+    rep["recipe"] = f"demo ({len(summary['seeds'])} seeds; accuracy = mean)"
     for name, row in rep["rows"].items():
         row["accuracy"] = summary["rows"][name]["acc_mean"] / 100
         row["errors"] = round(statistics.mean(r["rows"][name]["errors"] for r in reports))

@@ -75,6 +75,9 @@ def quality(
         "nll": float(F.cross_entropy(logits.float(), labels)),
         "ece": expected_calibration_error(probs, labels, bins),
         "reliability": reliability_bins(probs, labels, bins),
+        "errors_by_class": torch.bincount(
+            labels[pred != labels], minlength=logits.shape[-1]
+        ).tolist(),
     }
     if teacher_logits is not None:
         out["teacher_agreement"] = float((pred == teacher_logits.argmax(-1)).float().mean())

@@ -85,6 +85,8 @@ def train_member(member: MemberConfig, data: DataSplits, folder: Path, resume: b
         desc=f"teacher {folder.name}",
     )
     save_model(res.model, member.model, shape, nc, folder)
+    (folder / "train.json").write_text(json.dumps({"steps": res.steps, "wall_s": res.wall_s}))
+    (folder / CKPT).unlink(missing_ok=True)
     return res.model.eval()
 
 
@@ -217,6 +219,22 @@ def run_recipe(
     rows[name] = _row(
         student, predict_logits(student, data.test), data, [student], teacher_logits, ev, shape
     ) | {"train": info}
+    if ev.bias_shift:
+        shift = torch.zeros(data.train.num_classes)
+        for c, v in ev.bias_shift.items():
+            if c >= len(shift):
+                raise DKError(f"eval.bias_shift: class {c} is not in 0..{len(shift) - 1}")
+            shift[c] = v
+        slog = predict_logits(student, data.test) + shift  # (N, V)
+        rows[f"{name}+shift"] = (
+            quality(slog, data.test.y, teacher_logits, ev.ece_bins)
+            | {
+                "params": rows[name]["params"],
+                "bytes": rows[name]["bytes"],
+                "bias_shift": {str(k): v for k, v in ev.bias_shift.items()},
+            }
+            | {k: rows[name][k] for k in ("latency_ms_b1", "throughput_b256") if k in rows[name]}
+        )
     if "teacher" in rows and ev.latency:
         for r in rows.values():
             r["speedup_vs_teacher"] = rows["teacher"]["latency_ms_b1"] / r["latency_ms_b1"]
@@ -234,6 +252,97 @@ def run_recipe(
     }
     write_report(report, run_dir)
     return RunResult(run_dir, report, student)
+
+
+def run_seeds(
+    recipe_path: str | Path,
+    overrides: list[str],
+    seeds: list[int],
+    out: str | Path,
+    resume: bool = False,
+    force: bool = False,
+) -> dict:
+    """Run a recipe once per student seed into ``out/seed_<s>``; the teacher is trained
+    (or loaded) in the first run and reused by the others, so every student learns from
+    the same teacher. Writes ``out/summary.json`` (mean ± sd per report row)."""
+    from .recipe_io import load_recipe
+
+    out = Path(out)
+    reports = []
+    first_dir = out / f"seed_{seeds[0]}"
+    for i, s in enumerate(seeds):
+        ov = [*overrides, f"train.seed={s}"]
+        recipe, _ = load_recipe(recipe_path, ov)
+        if i > 0 and recipe.teacher is not None:
+            ov += _reuse_teacher_overrides(recipe, first_dir)
+            recipe, _ = load_recipe(recipe_path, ov)
+        reports.append(run_recipe(recipe, out / f"seed_{s}", resume=resume, force=force).report)
+    summary = summarize_seeds(reports, seeds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _reuse_teacher_overrides(recipe: Recipe, first_dir: Path) -> list[str]:
+    tc = recipe.teacher
+    if tc.kind == "module":
+        return (
+            []
+            if tc.checkpoint
+            else [f"teacher.checkpoint={first_dir / 'teacher' / 'model.safetensors'}"]
+        )
+    return [
+        f"teacher.members.{i}.checkpoint={first_dir / 'teacher' / f'member_{i}' / 'model.safetensors'}"
+        for i, m in enumerate(tc.members)
+        if m.checkpoint is None
+    ]
+
+
+def summarize_seeds(reports: list[dict], seeds: list[int]) -> dict:
+    """Mean ± sd of accuracy and errors per row; the distillation gain over the plain
+    baseline in pooled standard deviations when both rows are there."""
+    import statistics as st
+
+    rows = {}
+    for name in reports[0]["rows"]:
+        accs = [100 * r["rows"][name]["accuracy"] for r in reports]
+        errs = [r["rows"][name]["errors"] for r in reports]
+        first = reports[0]["rows"][name]
+        row = {
+            "acc_mean": st.mean(accs),
+            "acc_sd": st.stdev(accs) if len(accs) > 1 else 0.0,
+            "accs": accs,
+            "errors_mean": st.mean(errs),
+            "errors_sd": st.stdev(errs) if len(errs) > 1 else 0.0,
+            "errors": errs,
+            "params": first["params"],
+            "bytes": first["bytes"],
+        }
+        for k in ("latency_ms_b1", "throughput_b256"):
+            if k in first:
+                row[k] = st.median(r["rows"][name][k] for r in reports)
+        if "errors_by_class" in first:
+            row["errors_by_class_mean"] = [
+                st.mean(col)
+                for col in zip(*(r["rows"][name]["errors_by_class"] for r in reports), strict=True)
+            ]
+        rows[name] = row
+    if "teacher" in rows and "latency_ms_b1" in rows["teacher"]:
+        for r in rows.values():
+            r["speedup_vs_teacher"] = rows["teacher"]["latency_ms_b1"] / r["latency_ms_b1"]
+    out = {"seeds": seeds, "rows": rows}
+    if "plain" in rows and "student" in rows:
+        p, d = rows["plain"], rows["student"]
+        pooled = ((p["acc_sd"] ** 2 + d["acc_sd"] ** 2) / 2) ** 0.5
+        gain = d["acc_mean"] - p["acc_mean"]
+        out |= {
+            "gain_points": gain,
+            "pooled_sd": pooled,
+            "gain_over_pooled_sd": gain / pooled if pooled > 0 else float("inf"),
+        }
+        if "teacher" in rows:
+            gap = p["errors_mean"] - rows["teacher"]["errors_mean"]
+            out["gap_closed"] = (p["errors_mean"] - d["errors_mean"]) / gap if gap else None
+    return out
 
 
 def _row(model, logits, data: DataSplits, modules, teacher_logits, ev, shape) -> dict:

@@ -30,6 +30,28 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(summary: dict) -> str:
+    """Mean ± sd over seeds per row (from ``run_seeds``)."""
+    head = f"{'model':<14} {'acc % (mean ± sd)':>18} {'errors (mean ± sd)':>19} {'params':>10} {'speed-up':>8}"
+    lines = [f"seeds: {summary['seeds']}", head, "-" * len(head)]
+    for name, r in summary["rows"].items():
+        sp = f"{r['speedup_vs_teacher']:.1f}x" if "speedup_vs_teacher" in r else "-"
+        lines.append(
+            f"{name:<14} {r['acc_mean']:>10.2f} ± {r['acc_sd']:<5.2f} {r['errors_mean']:>11.1f} ± "
+            f"{r['errors_sd']:<5.1f} {r['params']:>10,d} {sp:>8}"
+        )
+    if "gain_points" in summary:
+        lines.append(
+            f"distillation gain {summary['gain_points']:+.2f} points = "
+            f"{summary['gain_over_pooled_sd']:.1f} pooled sd"
+        )
+    if summary.get("gap_closed") is not None:
+        lines.append(
+            f"gap closed (plain − distilled) / (plain − teacher): {100 * summary['gap_closed']:.0f}%"
+        )
+    return "\n".join(lines)
+
+
 def write_report(report: dict, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     tmp = run_dir / "report.json.tmp"
