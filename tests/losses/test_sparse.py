@@ -30,7 +30,7 @@ PAIRS = [
     (
         lambda s, i, lp, t, T, m=None: sparse_jsd(s, i, lp, t, 0.3, T, m),
         lambda s, t, T, m=None: jsd(s, t, 0.3, T, m),
-    ),  # fmt: skip
+    ),
     (sparse_tvd, tvd),
 ]
 
@@ -121,7 +121,7 @@ def test_stack_uses_topk_when_no_dense_logits_and_refuses_other_temperature():
     s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
     ids, lp, tail = topk_of(t, 3, 2.0)
     sig = Signals(topk_ids=ids, topk_logprobs=lp, tail_mass=tail, temperature=2.0)
-    total, parts = LossStack.of(ForwardKL(2.0))(s, sig, None)
+    total, _parts = LossStack.of(ForwardKL(2.0))(s, sig, None)
     assert torch.allclose(total, sparse_forward_kl(s, ids, lp, tail, 2.0))
     with pytest.raises(DKError, match="stored at temperature 2"):
         LossStack.of(HintonKD(4.0))(s, sig, torch.arange(4))

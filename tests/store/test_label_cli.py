@@ -28,7 +28,7 @@ def label_recipe(mnist: Path) -> dict:
             "kind": "module",
             "model": {"name": "small_cnn", "width": 32},
             "train": {"max_steps": 3, "batch_size": 64},
-        },  # fmt: skip
+        },
         "student": {"model": {"name": "mlp", "hidden": [32]}},
         "label": {"signal": "topk", "k": 4, "shard_size": 100, "batch_size": 50},
     }

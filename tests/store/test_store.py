@@ -114,7 +114,7 @@ def test_mismatch_is_refused_naming_the_field(tmp_path):
 
 def test_bad_specs_and_unfinished_stores_get_one_line(tmp_path):
     teacher, x, ids = clf_setup()
-    with pytest.raises(DKError, match="label.k=10 but the teacher has only 10 outputs"):
+    with pytest.raises(DKError, match=r"label\.k=10 but the teacher has only 10 outputs"):
         label(teacher, x, ids, tmp_path / "a", LabelSpec(signal="topk", k=10))
     with pytest.raises(DKError, match="q8 is for top-k"):
         label(teacher, x, ids, tmp_path / "b", LabelSpec(signal="dense", dtype="q8"))
