@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -258,8 +257,12 @@ def _encode(logits: Tensor | None, spec: LabelSpec, vocab: int, hidden: dict) ->
     if spec.signal == "dense":
         out["logits"] = logits.to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] V)
     else:
-        lp = F.log_softmax(logits.float() / spec.temperature, dim=-1)  # (B, [T,] V)
-        vals, idx = lp.topk(spec.k, dim=-1)  # (B, [T,] K), sorted
+        z = logits.float()
+        if spec.temperature != 1.0:
+            z = z / spec.temperature
+        # top-k of the logits, normalised by one logsumexp: never builds (B, T, V) log-probs
+        vals, idx = z.topk(spec.k, dim=-1)  # (B, [T,] K), sorted
+        vals = vals - torch.logsumexp(z, dim=-1, keepdim=True)
         tail = (1.0 - vals.double().exp().sum(-1)).clamp_min(0.0).float()  # (B, [T])
         out["topk_ids"] = idx.to(torch.uint16 if vocab <= 65536 else torch.int32)
         out["topk_logprobs"] = (
