@@ -67,7 +67,7 @@ def main():
                   "input": {"is_from_teacher": False, "module_path": ".", "io": "output"},
                   "target": {"uses_label": True}}},
               "weight": 1.0}  # fmt: skip
-        cfg = {"train_data_loader": loader, "model": {}, "optimizer": optim,
+        cfg = {"num_epochs": 1000, "train_data_loader": loader, "model": {"forward_proc": "forward_batch_only"}, "optimizer": optim,
                "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": ce}}}}  # fmt: skip
         box = get_training_box(student, {"train": TensorDataset(x, y)}, cfg, cpu, None, False, 1)
     else:
@@ -81,7 +81,8 @@ def main():
                   **io, "teacher_module_path": ".", "teacher_module_io": "output",
                   "temperature": 4.0, "alpha": 0.1, "reduction": "batchmean"}},
               "weight": 1.0}  # fmt: skip
-        cfg = {"train_data_loader": loader, "teacher": {"requires_grad": False}, "student": {},
+        cfg = {"num_epochs": 1000, "train_data_loader": loader, "teacher": {"requires_grad": False, "forward_proc": "forward_batch_only"},
+            "student": {"forward_proc": "forward_batch_only"},
                "optimizer": optim,
                "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": kd}}}}  # fmt: skip
         box = get_distillation_box(

@@ -257,7 +257,7 @@ def label_settings(recipe: Recipe, vocab: int):
     return LabelSpec(
         signal=signal,
         k=lc.k if signal == "topk" else None,
-        dtype=lc.dtype,
+        dtype=lc.dtype if lc.dtype != "auto" else ("q8" if signal == "topk" else "fp16"),
         temperature=lc.temperature if signal == "topk" else 1.0,
         shard_size=lc.shard_size,
         batch_size=lc.batch_size,

@@ -43,15 +43,19 @@ class LabelSpec:
     their log-probabilities at ``temperature`` and the tail mass 1 − Σ top-k; ``'dense'``
     keeps all logits (raw, so any loss temperature works). ``dtype`` is the storage type
     of the float signals: fp32, fp16, bf16, or q8 (top-k log-probs in 8 bits, 0.1-nat
-    steps). ``hidden`` names teacher layers whose outputs are stored too."""
+    steps); ``auto`` picks fp16 for dense and q8 for top-k. ``hidden`` names teacher layers whose outputs are stored too."""
 
     signal: str = "topk"
-    k: int | None = 32
-    dtype: str = "fp16"
+    k: int | None = 64
+    dtype: str = "auto"  # fp16 for dense, q8 for top-k
     temperature: float = 1.0
     shard_size: int = 8192
     batch_size: int = 512
     hidden: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "q8" if self.signal == "topk" else "fp16")
 
     def validate(self, vocab: int | None = None) -> None:
         if self.signal not in ("dense", "topk"):
