@@ -127,3 +127,22 @@ def test_bad_specs_and_unfinished_stores_get_one_line(tmp_path):
     (store.path / "manifest.json").write_text(json.dumps(m | {"complete": False}))
     with pytest.raises(DKError, match="unfinished"):
         open_store(store.path)
+
+
+def test_rerun_after_a_kill_between_manifest_and_shards_finishes_identically(tmp_path):
+    teacher, x, ids = clf_setup()
+    spec = LabelSpec(signal="topk", k=3, shard_size=16, batch_size=8)
+    ref = label(teacher, x, ids, tmp_path / "ref", spec, progress=False)
+    want = {p.name: p.read_bytes() for p in sorted((ref.path / "shards").iterdir())}
+    out = tmp_path / "s"
+    label(teacher, x, ids, out, spec, progress=False)
+    # state of a run killed early: the first manifest, one half-written shard, no others
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(m | {"complete": False, "shards": []}))
+    for p in (out / "shards").iterdir():
+        p.unlink()
+    (out / "shards" / "shard-00002.safetensors.tmp").write_bytes(b"\0" * 10)
+    store = label(teacher, x, ids, out, spec, progress=False)
+    assert {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())} == want
+    assert (out / "manifest.json").read_bytes() == (ref.path / "manifest.json").read_bytes()
+    assert sorted(store.ids.tolist()) == sorted(ids.tolist())

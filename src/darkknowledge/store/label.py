@@ -176,16 +176,17 @@ def label(
         if old.get("complete"):
             return SignalStore(out)
     elif out.exists() and any(out.iterdir()) and not force:
-        if not (out / MANIFEST).exists() and (out / SHARDS).exists():
+        if any((out / SHARDS).glob("*.safetensors")):
             raise DKError(f"{out}: has shards but no manifest; use --force to relabel")
     if force and shard_dir.exists():
         shutil.rmtree(shard_dir)
         (out / MANIFEST).unlink(missing_ok=True)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in shard_dir.glob("*.tmp"):  # a shard being written when the last run died
-        tmp.unlink()
-    if not (out / MANIFEST).exists():
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).exists():  # first, so shards never exist without a manifest
         write_json(out / MANIFEST, {**head, "complete": False, "shards": []})
+    shard_dir.mkdir(exist_ok=True)
+    for tmp in [*shard_dir.glob("*.tmp"), *out.glob("*.tmp")]:  # being written at a kill
+        tmp.unlink()
 
     todo = [i for i in range(n_shards) if not _shard_ok(shard_dir / shard_name(i))]
     bar = tqdm(
