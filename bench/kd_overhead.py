@@ -59,9 +59,11 @@ def prepare() -> None:
     print(json.dumps(store.info()["bytes"]))
 
 
-def measure(mode: str, steps: int) -> dict:
+def measure(mode: str, steps: int, threads: int) -> dict:
     """One fresh-process measurement with darkknowledge's own loop (`fit`)."""
     import torch
+
+    torch.set_num_threads(threads)
 
     from darkknowledge.config import TrainConfig
     from darkknowledge.data import load_data
@@ -112,7 +114,7 @@ def export_for_peers() -> None:
     )
 
 
-def run(steps: int, online_steps: int, rounds: int, peers: bool, out: Path) -> None:
+def run(steps: int, online_steps: int, rounds: int, peers: bool, threads: int, out: Path) -> None:
     modes = ["plain", "store", "online"] + (["td_plain", "td_online"] if peers else [])
     if peers and not (CACHE / "peer_inputs.pt").exists():
         export_for_peers()
@@ -124,9 +126,10 @@ def run(steps: int, online_steps: int, rounds: int, peers: bool, out: Path) -> N
         for m in modes:
             if m.startswith("td_"):
                 cmd = [str(PEER_PY), str(ROOT / "bench" / "kd_overhead_torchdistill.py"),
-                       m[3:], "--steps", str(n_steps[m])]  # fmt: skip
+                       m[3:], "--steps", str(n_steps[m]), "--threads", str(threads)]  # fmt: skip
             else:
-                cmd = [sys.executable, __file__, "measure", m, "--steps", str(n_steps[m])]
+                cmd = [sys.executable, __file__, "measure", m, "--steps", str(n_steps[m]),
+                       "--threads", str(threads)]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rec = json.loads(res.stdout.strip().splitlines()[-1])
             times[m].append(rec["wall_s"] / rec["steps"])
@@ -136,6 +139,7 @@ def run(steps: int, online_steps: int, rounds: int, peers: bool, out: Path) -> N
         "setup": "Fashion-MNIST transfer set 54,000; teacher 3× small_cnn(width 32) prob_mean; "
         "student MLP 2×800; batch 256; Hinton KD T=4 α=0.9",
         "steps_per_measurement": n_steps,
+        "torch_threads": threads,
         "rounds": rounds,
         "s_per_step": times,
         "median_s_per_step": med,
@@ -169,19 +173,23 @@ def main() -> None:
     m = sub.add_parser("measure")
     m.add_argument("mode", choices=["plain", "store", "online"])
     m.add_argument("--steps", type=int, default=211)
+    m.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("run")
     r.add_argument("--steps", type=int, default=211)
     r.add_argument("--online-steps", type=int, default=40)
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--peers", action="store_true")
+    # 1 intra-op thread: on cores shared with other jobs, 2 OpenMP threads make every
+    # small op wait at a barrier for a descheduled thread (see docs/results/store.md)
+    r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", default=str(ROOT / "docs" / "results" / "kd_overhead.json"))
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare()
     elif a.cmd == "measure":
-        print(json.dumps(measure(a.mode, a.steps)))
+        print(json.dumps(measure(a.mode, a.steps, a.threads)))
     else:
-        run(a.steps, a.online_steps, a.rounds, a.peers, Path(a.out))
+        run(a.steps, a.online_steps, a.rounds, a.peers, a.threads, Path(a.out))
 
 
 if __name__ == "__main__":

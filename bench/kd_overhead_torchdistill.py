@@ -48,7 +48,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["plain", "online"])
     ap.add_argument("--steps", type=int, default=211)
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     inp = torch.load(ROOT / "bench/.cache/kd/peer_inputs.pt", weights_only=True)
     x, y = inp["x"], inp["y"]
     torch.manual_seed(0)

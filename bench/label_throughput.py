@@ -62,8 +62,10 @@ def _setup(task: str):
     return ModuleTeacher(load_teacher()), x, torch.arange(len(x)), mask, spec
 
 
-def measure(task: str, mode: str) -> dict:
+def measure(task: str, mode: str, threads: int = 1) -> dict:
     import torch
+
+    torch.set_num_threads(threads)  # see bench/kd_overhead.py --threads
 
     from darkknowledge.store import label
     from darkknowledge.teachers import Batch
@@ -87,7 +89,7 @@ def measure(task: str, mode: str) -> dict:
 
 
 def run(rounds: int, tasks: list[str], out: Path) -> None:
-    res: dict = {"rounds": rounds, "tasks": {}}
+    res: dict = {"rounds": rounds, "torch_threads": 1, "tasks": {}}
     for task in tasks:
         times: dict[str, list[float]] = {"raw": [], "label": []}
         for r in range(rounds):
@@ -115,13 +117,14 @@ def main():
     m = sub.add_parser("measure")
     m.add_argument("task", choices=["fashion", "lm"])
     m.add_argument("mode", choices=["raw", "label"])
+    m.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("run")
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--tasks", nargs="+", default=["fashion", "lm"])
     r.add_argument("--out", default=str(ROOT / "docs" / "results" / "label_throughput.json"))
     a = ap.parse_args()
     if a.cmd == "measure":
-        print(json.dumps(measure(a.task, a.mode)))
+        print(json.dumps(measure(a.task, a.mode, a.threads)))
     else:
         run(a.rounds, a.tasks, Path(a.out))
 
