@@ -157,7 +157,18 @@ def run(steps: int, online_steps: int, rounds: int, peers: bool, threads: int, o
             ),
         },
         "command": " ".join(
-            ["bench/kd_overhead.py", "run", "--steps", str(steps), "--rounds", str(rounds)]
+            [
+                "bench/kd_overhead.py",
+                "run",
+                "--steps",
+                str(steps),
+                "--online-steps",
+                str(online_steps),
+                "--rounds",
+                str(rounds),
+                "--threads",
+                str(threads),
+            ]
             + (["--peers"] if peers else [])
         ),
     }

@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--dtype", default="q8")
     ap.add_argument("--out", default=str(lm.ROOT / "docs" / "results" / "store_student.json"))
     a = ap.parse_args()
+    torch.set_num_threads(1)  # cores shared with other jobs: see bench/kd_overhead.py
     teacher = load_teacher()
     (x, y), (vx, vy) = lm.splits(CONFIG["ctx"])
     x, y, vx, vy = x[: a.windows], y[: a.windows], vx[:128], vy[:128]
