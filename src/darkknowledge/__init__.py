@@ -1,6 +1,6 @@
 """darkknowledge: knowledge distillation — train a small student on what a teacher knows."""
 
-from . import data, losses, models, teachers
+from . import data, losses, models, store, teachers
 from .api import DistillResult, Report, distill
 from .config import Recipe
 from .errors import DKError
@@ -28,6 +28,7 @@ __all__ = [
     "models",
     "run_recipe",
     "save_model",
+    "store",
     "teachers",
     "validate_recipe",
 ]

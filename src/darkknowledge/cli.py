@@ -36,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="where the demo writes its report")
     d.add_argument("--seeds", type=int, default=3)
 
+    lb = sub.add_parser("label", help="run a recipe's teacher once and store its signals")
+    lb.add_argument("recipe")
+    lb.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. label.k=16")
+    lb.add_argument("--out", help="store folder (default: stores/<recipe name>)")
+    lb.add_argument("--force", action="store_true", help="relabel over an existing store")
+
+    st = sub.add_parser("store", help="inspect a signal store")
+    st_sub = st.add_subparsers(dest="store_cmd", required=True, metavar="SUBCOMMAND")
+    si = st_sub.add_parser("info", help="manifest, examples, bytes, bytes per example/token")
+    si.add_argument("path")
+    si.add_argument("--json", action="store_true", help="print the facts as JSON")
+
     rep = sub.add_parser("report", help="print a finished run's report (and re-draw its plots)")
     rep.add_argument("run_dir")
     return p
@@ -46,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (dk run r.yaml --out x train.seed=2).
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.cmd not in ("run", "validate") or any(x.startswith("-") for x in extra):
+        if args.cmd not in ("run", "validate", "label") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
@@ -102,6 +114,25 @@ def _dispatch(args) -> int:
         res = run_recipe(recipe, out, resume=args.resume, force=args.force)
         print(table(res.report))
         print(f"\nreport: {out / 'report.md'}")
+        return 0
+    if args.cmd == "label":
+        from .pipeline import label_recipe
+        from .recipe_io import load_recipe
+        from .store.info import format_info
+
+        recipe, _ = load_recipe(args.recipe, args.overrides)
+        out = Path(args.out) if args.out else Path("stores") / Path(args.recipe).stem
+        store = label_recipe(recipe, out, force=args.force)
+        print(format_info(store.info()))
+        return 0
+    if args.cmd == "store":
+        import json
+
+        from .store import open_store
+        from .store.info import format_info
+
+        info = open_store(args.path).info()
+        print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
     if args.cmd == "report":
         from .report import load_report, table, write_report

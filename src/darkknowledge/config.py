@@ -169,7 +169,33 @@ class EnsembleTeacherConfig(Strict):
         return self
 
 
-TeacherConfig = Annotated[ModuleTeacherConfig | EnsembleTeacherConfig, Field(discriminator="kind")]
+class StoreTeacherConfig(Strict):
+    """Signals written once by ``dk label`` (a folder with manifest.json and shards)."""
+
+    kind: Literal["store"]
+    path: ExistingPath
+    # Optional pins: fingerprint fields the store must have (e.g. {teacher: <sha256>}).
+    expect: dict[str, str | float | int | None] = {}
+
+
+TeacherConfig = Annotated[
+    ModuleTeacherConfig | EnsembleTeacherConfig | StoreTeacherConfig,
+    Field(discriminator="kind"),
+]
+
+
+class LabelConfig(Strict):
+    """How ``dk label`` stores the teacher's signals for the recipe's transfer set."""
+
+    signal: Literal["auto", "dense", "topk"] = "auto"  # auto: dense up to 256 outputs
+    k: PosInt = 64
+    # auto: fp16 for dense logits, q8 (8-bit log-probs) for top-k: with uint16 ids that is
+    # 64·3 + 4 ≈ 197 bytes per token, and q8 adds < 0.001 nats of KL (docs/results/store.md)
+    dtype: Literal["auto", "fp32", "fp16", "bf16", "q8"] = "auto"
+    temperature: PosFloat = 1.0
+    shard_size: PosInt = 8192  # examples per shard
+    batch_size: PosInt = 512
+    hidden: list[str] = []  # teacher layers to store too, e.g. [features.3]
 
 
 class StudentConfig(Strict):
@@ -237,9 +263,21 @@ class Recipe(Strict):
     loss: LossConfig | None = None
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    label: LabelConfig | None = None  # used by `dk label`; defaults when absent
 
     @model_validator(mode="after")
     def _loss_fits_teacher(self):
+        if (
+            self.teacher is not None
+            and self.teacher.kind == "store"
+            and self.train.augment != "none"
+        ):
+            raise ValueError(
+                f"train.augment={self.train.augment} cannot be used with a teacher store: "
+                "stored signals hold only for the exact inputs that were labelled, and random "
+                "augmentation changes them every step; set train.augment=none, or use the "
+                "online teacher (teacher.kind: module or ensemble) to distil with augmentation"
+            )
         loss = self.loss
         if loss is not None:
             if not loss.active():

@@ -25,7 +25,7 @@ from .losses import CE, JSD, TVD, ForwardKL, HintonKD, LossStack, ReverseKL
 from .recipe_io import dump_recipe
 from .registry import build_model
 from .report import write_report
-from .teachers import CachedTeacher, Ensemble, ModuleTeacher, Teacher
+from .teachers import CachedTeacher, Ensemble, ModuleTeacher, StoreTeacher, Teacher
 from .train import CKPT, fit
 
 
@@ -94,6 +94,8 @@ def build_teacher(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool)
     tc = recipe.teacher
     if tc is None:
         return None
+    if tc.kind == "store":
+        return open_store_teacher(recipe, data)
     if tc.kind == "module":
         return ModuleTeacher(train_member(tc, data, run_dir / "teacher", resume))
     nets = [
@@ -177,9 +179,10 @@ def run_recipe(
     data = load_data(recipe.data)
     shape = data.train.input_shape
     teacher = build_teacher(recipe, data, run_dir, resume)
+    is_store = isinstance(teacher, StoreTeacher)
     loss = build_loss(recipe.resolved_loss())
     signals_from = teacher
-    if teacher is not None and recipe.train.augment == "none":
+    if teacher is not None and recipe.train.augment == "none" and not is_store:
         # Fixed inputs: the teacher's outputs for the transfer set are computed once.
         signals_from = CachedTeacher(teacher, data.transfer.x, data.transfer.ids)
     student, info = train_student(
@@ -196,7 +199,7 @@ def run_recipe(
     rows: dict[str, dict] = {}
     teacher_logits = None
     ev = recipe.eval
-    if teacher is not None:
+    if teacher is not None and not is_store:  # a store holds no test-set outputs
         teacher_logits = predict_logits(teacher, data.test)
         mods = teacher.modules()
         rows["teacher"] = _row(teacher, teacher_logits, data, mods, None, ev, shape)
@@ -343,6 +346,92 @@ def summarize_seeds(reports: list[dict], seeds: list[int]) -> dict:
             gap = p["errors_mean"] - rows["teacher"]["errors_mean"]
             out["gap_closed"] = (p["errors_mean"] - d["errors_mean"]) / gap if gap else None
     return out
+
+
+# ---------------------------------------------------------------- signal store
+
+
+def data_preprocessing(recipe: Recipe) -> dict:
+    """What turned raw data into the labelled inputs (enters the store fingerprint)."""
+    d = recipe.data.model_dump(mode="json", exclude={"path"})
+    return {"data": d, "inputs": "float32 images scaled to [0, 1]", "augment": "none"}
+
+
+def label_settings(recipe: Recipe, vocab: int):
+    from .config import LabelConfig
+    from .store import LabelSpec
+
+    lc = recipe.label or LabelConfig()
+    signal = lc.signal if lc.signal != "auto" else ("dense" if vocab <= 256 else "topk")
+    return LabelSpec(
+        signal=signal,
+        k=lc.k if signal == "topk" else None,
+        dtype=lc.dtype if lc.dtype != "auto" else ("q8" if signal == "topk" else "fp16"),
+        temperature=lc.temperature if signal == "topk" else 1.0,
+        shard_size=lc.shard_size,
+        batch_size=lc.batch_size,
+        hidden=tuple(lc.hidden),
+    )
+
+
+def label_recipe(recipe: Recipe, out: str | Path, force: bool = False):
+    """What `dk label` runs: the recipe's teacher over its transfer set, into store ``out``.
+
+    Teachers without a checkpoint are trained first, into ``out/teacher``. Rerunning
+    after an interruption continues where it stopped (teacher training included)."""
+    from .store import label
+
+    tc = recipe.teacher
+    if tc is None:
+        raise DKError("dk label needs a 'teacher:' section (kind: module or ensemble)")
+    if tc.kind == "store":
+        raise DKError("teacher.kind is store: that recipe already trains from a store")
+    out = Path(out)
+    data = load_data(recipe.data)
+    teacher = build_teacher(recipe, data, out, resume=True)
+    spec = label_settings(recipe, data.train.num_classes)
+    return label(
+        teacher,
+        data.transfer.x,
+        data.transfer.ids,
+        out,
+        spec,
+        preprocessing=data_preprocessing(recipe),
+        describe={"recipe": recipe.name, "data": data.description, "teacher": tc.kind},
+    )
+
+
+def open_store_teacher(recipe: Recipe, data: DataSplits) -> StoreTeacher:
+    """The recipe's store, checked against the run: same inputs, same example ids, same
+    preprocessing, and (top-k) the loss temperatures it was labelled at."""
+    from .store import SignalStore
+    from .store.fingerprint import json_digest, tensor_digest
+
+    tc = recipe.teacher
+    store = SignalStore(tc.path)
+    where = f"teacher.path {tc.path}"
+    expect = {
+        "data": tensor_digest(data.transfer.x),
+        "example_ids": tensor_digest(data.transfer.ids),
+        "preprocessing": json_digest(data_preprocessing(recipe)),
+        **tc.expect,
+    }
+    store.check(expect, where)
+    if store.task != "classification" or store.vocab != data.train.num_classes:
+        raise DKError(
+            f"{where}: the store holds {store.vocab}-way {store.task} signals but the data "
+            f"has {data.train.num_classes} classes"
+        )
+    if store.signal == "topk":
+        for name, c in recipe.resolved_loss().active().items():
+            t = getattr(c, "temperature", None)
+            if t is not None and abs(t - store.temperature) > 1e-9:
+                raise DKError(
+                    f"{where}: fingerprint field 'temperature' differs: the top-k store was "
+                    f"labelled at {store.temperature:g}, loss.{name}.temperature is {t:g}; "
+                    f"relabel with label.temperature={t:g} or use label.signal=dense"
+                )
+    return StoreTeacher(store)
 
 
 def _row(model, logits, data: DataSplits, modules, teacher_logits, ev, shape) -> dict:

@@ -21,6 +21,8 @@ class Signals:
     hidden: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, [T,] H)
     mask: Tensor | None = None  # (B,) or (B, T) valid positions
     text: list[str] | None = None  # generated text (sequence-level KD)
+    # temperature at which topk_logprobs / tail_mass were computed (None: not top-k)
+    temperature: float | None = None
 
     @property
     def kinds(self) -> list[str]:
@@ -50,6 +52,7 @@ class Signals:
             hidden={k: v[idx] for k, v in self.hidden.items()},
             mask=pick(self.mask),
             text=None if self.text is None else [self.text[i] for i in idx.tolist()],
+            temperature=self.temperature,
         )
 
     @staticmethod
@@ -72,4 +75,5 @@ class Signals:
             hidden=hidden,
             mask=cat("mask"),
             text=texts,
+            temperature=parts[0].temperature,
         )

@@ -1,4 +1,5 @@
-"""Distillation losses: pure functions (:mod:`.divergences`) and named terms (:mod:`.stack`)."""
+"""Distillation losses: pure functions (:mod:`.divergences`; top-k + tail in :mod:`.sparse`)
+and named terms (:mod:`.stack`)."""
 
 from .divergences import (
     IGNORE_INDEX,
@@ -9,6 +10,14 @@ from .divergences import (
     masked_mean,
     reverse_kl,
     tvd,
+)
+from .sparse import (
+    reconstruct,
+    sparse_forward_kl,
+    sparse_hinton_kd,
+    sparse_jsd,
+    sparse_reverse_kl,
+    sparse_tvd,
 )
 from .stack import CE, JSD, TVD, ForwardKL, HintonKD, LossStack, ReverseKL
 
@@ -26,6 +35,12 @@ __all__ = [
     "hinton_kd",
     "jsd",
     "masked_mean",
+    "reconstruct",
     "reverse_kl",
+    "sparse_forward_kl",
+    "sparse_hinton_kd",
+    "sparse_jsd",
+    "sparse_reverse_kl",
+    "sparse_tvd",
     "tvd",
 ]

@@ -1,7 +1,8 @@
 """Loss terms by name, and the weighted stack that a recipe's ``loss:`` section builds.
 
 Each term takes the student's logits, the teacher's :class:`Signals` (or None), the hard
-labels (or None) and an optional mask, and returns a scalar.
+labels (or None) and an optional mask, and returns a scalar. A term uses the teacher's
+dense logits when present, else its top-k + tail (:mod:`.sparse`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,29 @@ from torch import Tensor
 from ..errors import DKError
 from ..signals import Signals
 from . import divergences as D
+from . import sparse as S
 
 
-def _teacher_logits(name: str, signals: Signals | None) -> Tensor:
+def _teacher(name: str, signals: Signals | None, temperature: float | None):
+    """The teacher's dense logits, or its top-k ``(ids, logprobs, tail)`` when that is
+    what it gave (a top-k store). Top-k log-probs hold only at the temperature they
+    were computed at, so a term at another temperature is refused."""
     if signals is None:
         raise DKError(f"loss.{name} needs a teacher: add a 'teacher:' section or drop it")
-    if signals.logits is None:
-        raise DKError(f"loss.{name} needs dense teacher logits, the teacher gave {signals.kinds}")
-    return signals.logits
+    if signals.logits is not None:
+        return signals.logits
+    if signals.topk_ids is not None and signals.topk_logprobs is not None:
+        if signals.tail_mass is None:
+            raise DKError(f"loss.{name}: top-k teacher signals without a tail mass")
+        t = signals.temperature if signals.temperature is not None else 1.0
+        if temperature is not None and abs(t - temperature) > 1e-9:
+            raise DKError(
+                f"loss.{name}.temperature is {temperature:g} but the teacher's top-k "
+                f"signals were stored at temperature {t:g}: relabel with "
+                f"label.temperature={temperature:g}, or use a dense store"
+            )
+        return (signals.topk_ids, signals.topk_logprobs, signals.tail_mass)
+    raise DKError(f"loss.{name} needs teacher logits or top-k, the teacher gave {signals.kinds}")
 
 
 @dataclass(frozen=True)
@@ -32,7 +48,9 @@ class HintonKD:
     needs_teacher = True
 
     def __call__(self, s: Tensor, sig: Signals | None, y: Tensor | None, mask=None):
-        t = _teacher_logits("hinton_kd", sig)
+        t = _teacher("hinton_kd", sig, self.temperature)
+        if isinstance(t, tuple):
+            return S.sparse_hinton_kd(s, *t, y, self.temperature, self.alpha, mask)
         return D.hinton_kd(s, t, y, self.temperature, self.alpha, mask)
 
 
@@ -44,7 +62,10 @@ class ForwardKL:
     needs_teacher = True
 
     def __call__(self, s, sig, y=None, mask=None):
-        return D.forward_kl(s, _teacher_logits("forward_kl", sig), self.temperature, mask)
+        t = _teacher("forward_kl", sig, self.temperature)
+        if isinstance(t, tuple):
+            return S.sparse_forward_kl(s, *t, self.temperature, mask)
+        return D.forward_kl(s, t, self.temperature, mask)
 
 
 @dataclass(frozen=True)
@@ -55,7 +76,10 @@ class ReverseKL:
     needs_teacher = True
 
     def __call__(self, s, sig, y=None, mask=None):
-        return D.reverse_kl(s, _teacher_logits("reverse_kl", sig), self.temperature, mask)
+        t = _teacher("reverse_kl", sig, self.temperature)
+        if isinstance(t, tuple):
+            return S.sparse_reverse_kl(s, *t, self.temperature, mask)
+        return D.reverse_kl(s, t, self.temperature, mask)
 
 
 @dataclass(frozen=True)
@@ -67,7 +91,9 @@ class JSD:
     needs_teacher = True
 
     def __call__(self, s, sig, y=None, mask=None):
-        t = _teacher_logits("jsd", sig)
+        t = _teacher("jsd", sig, self.temperature)
+        if isinstance(t, tuple):
+            return S.sparse_jsd(s, *t, self.beta, self.temperature, mask)
         return D.jsd(s, t, self.beta, self.temperature, mask)
 
 
@@ -79,7 +105,10 @@ class TVD:
     needs_teacher = True
 
     def __call__(self, s, sig, y=None, mask=None):
-        return D.tvd(s, _teacher_logits("tvd", sig), self.temperature, mask)
+        t = _teacher("tvd", sig, self.temperature)
+        if isinstance(t, tuple):
+            return S.sparse_tvd(s, *t, self.temperature, mask)
+        return D.tvd(s, t, self.temperature, mask)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Teachers: anything that, given a batch, returns :class:`~darkknowledge.signals.Signals`.
 
-Transports behind one protocol: a local module, an ensemble, and a per-run cache of a
-teacher's outputs for fixed inputs. (Stored signals and remote APIs plug in the same way.)
+Transports behind one protocol: a local module, an ensemble, a per-run cache of a
+teacher's outputs for fixed inputs, and a signal store written by ``dk label``
+(:mod:`.store`). (Remote APIs plug in the same way.)
 """
 
 from __future__ import annotations
@@ -113,4 +114,6 @@ class CachedTeacher:
         return getattr(self.inner, "modules", list)()
 
 
-__all__ = ["Batch", "CachedTeacher", "Ensemble", "ModuleTeacher", "Teacher"]
+from .store import StoreTeacher  # noqa: E402  (needs Batch and Teacher above)
+
+__all__ = ["Batch", "CachedTeacher", "Ensemble", "ModuleTeacher", "StoreTeacher", "Teacher"]

@@ -1,0 +1,133 @@
+"""Labelling throughput ÷ raw teacher inference throughput (inference_mode, same batch).
+
+Each measurement is a fresh process; rounds interleave ``raw`` and ``label`` so machine
+load hits both alike; medians are compared. ``label`` is the real labeller writing a
+store (atomic shards, fsync, manifest with SHA-256 of every shard) to local disk.
+
+    .venv/bin/python bench/label_throughput.py run --rounds 3
+
+Teachers: the Fashion-MNIST ensemble of 3 small CNNs from bench/kd_overhead.py
+(dense store, the first 4,096 of its 54,000 transfer images, batch 512) and the small GPT of bench/lm_teacher.py
+(top-32 store, 128 windows × 64 tokens, batch 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache"
+
+
+def _setup(task: str):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    if task == "fashion":
+        from darkknowledge.data import load_data
+        from darkknowledge.pipeline import build_teacher
+        from darkknowledge.recipe_io import validate_recipe
+        from darkknowledge.store import LabelSpec
+        from kd_overhead import CACHE as KD
+        from kd_overhead import RECIPE
+
+        recipe = validate_recipe(RECIPE)
+        data = load_data(recipe.data)
+        teacher = build_teacher(recipe, data, KD / "store", resume=True)
+        # the first 4,096 transfer images: the 3-CNN teacher runs at ~100 images/s here
+        x, ids = data.transfer.x[:4096], data.transfer.ids[:4096]
+        return (
+            teacher,
+            x,
+            ids,
+            None,
+            LabelSpec(signal="dense", k=None, dtype="fp16", batch_size=512),
+        )
+    import lm
+    from darkknowledge.store import LabelSpec
+    from darkknowledge.teachers import ModuleTeacher
+    from store_fidelity import load_teacher
+
+    (x, _y), _ = lm.splits(64)
+    x = x[:128]
+    mask = torch.ones_like(x, dtype=torch.bool)
+    spec = LabelSpec(signal="topk", k=32, dtype="fp16", batch_size=16, shard_size=64)
+    return ModuleTeacher(load_teacher()), x, torch.arange(len(x)), mask, spec
+
+
+def measure(task: str, mode: str, threads: int = 1) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)  # see bench/kd_overhead.py --threads
+
+    from darkknowledge.store import label
+    from darkknowledge.teachers import Batch
+
+    teacher, x, ids, mask, spec = _setup(task)
+    bs = spec.batch_size
+    if mode == "raw":
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(x), bs):
+                teacher.signals(Batch(x[i : i + bs], None, ids[i : i + bs]))
+        wall = time.perf_counter() - t0
+    else:
+        out = CACHE / "throughput" / task
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        label(teacher, x, ids, out, spec, mask=mask, progress=False)
+        wall = time.perf_counter() - t0
+        shutil.rmtree(out)
+    return {"task": task, "mode": mode, "examples": len(x), "wall_s": wall}
+
+
+def run(rounds: int, tasks: list[str], out: Path) -> None:
+    res: dict = {"rounds": rounds, "torch_threads": 1, "tasks": {}}
+    for task in tasks:
+        times: dict[str, list[float]] = {"raw": [], "label": []}
+        for r in range(rounds):
+            for mode in ("raw", "label"):
+                p = subprocess.run([sys.executable, __file__, "measure", task, mode],
+                                   capture_output=True, text=True, check=True)  # fmt: skip
+                rec = json.loads(p.stdout.strip().splitlines()[-1])
+                times[mode].append(rec["wall_s"])
+                print(f"{task} round {r} {mode}: {rec['wall_s']:.2f} s", flush=True)
+        med = {m: statistics.median(v) for m, v in times.items()}
+        res["tasks"][task] = {
+            "examples": rec["examples"],
+            "wall_s": times,
+            "median_s": med,
+            "label_over_raw_throughput": med["raw"] / med["label"],
+        }
+    res["command"] = f"bench/label_throughput.py run --rounds {rounds} --tasks {' '.join(tasks)}"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({t: v["label_over_raw_throughput"] for t, v in res["tasks"].items()}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("task", choices=["fashion", "lm"])
+    m.add_argument("mode", choices=["raw", "label"])
+    m.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("run")
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--tasks", nargs="+", default=["fashion", "lm"])
+    r.add_argument("--out", default=str(ROOT / "docs" / "results" / "label_throughput.json"))
+    a = ap.parse_args()
+    if a.cmd == "measure":
+        print(json.dumps(measure(a.task, a.mode, a.threads)))
+    else:
+        run(a.rounds, a.tasks, Path(a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Size vs fidelity of a token-level store: bytes per token against the mean
+KL(dense ‖ top-k + tail reconstruction) per token.
+
+Teacher: the small GPT of bench/lm_teacher.py (GPT-2 vocabulary, 50,257 tokens) on
+held-out tinyshakespeare windows. Every setting is written with the real labeller
+(`darkknowledge.store.label`) and read back through the store; bytes are the shard
+files on disk (headers included) ÷ stored tokens.
+
+    .venv/bin/python bench/store_fidelity.py --windows 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lm
+from darkknowledge.losses import reconstruct
+from darkknowledge.store import LabelSpec, label
+from darkknowledge.store.fingerprint import files_digest
+from darkknowledge.teachers import ModuleTeacher
+from lm_teacher import CONFIG
+
+CACHE = lm.ROOT / "bench" / ".cache"
+SETTINGS = [("dense", None, "fp16")] + [
+    ("topk", k, dt) for dt in ("fp16", "q8") for k in (8, 16, 32, 64, 96)
+]
+
+
+def load_teacher() -> lm.GPT:
+    m = lm.GPT(**CONFIG)
+    m.load_state_dict(load_file(str(CACHE / "lm_teacher" / "model.safetensors")))
+    return m.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--out", default=str(lm.ROOT / "docs" / "results" / "store_size_fidelity.json"))
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    teacher = load_teacher()
+    _, (vx, _vy) = lm.splits(CONFIG["ctx"])
+    x = vx[: a.windows]
+    ids = torch.arange(len(x))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    with torch.inference_mode():
+        dense = torch.cat([teacher(x[i : i + 16]) for i in range(0, len(x), 16)])  # (N, T, V)
+    p_log = F.log_softmax(dense.float(), -1)
+    tok = files_digest(lm.GPT2Tokenizer().files)
+    rows = []
+    for signal, k, dtype in SETTINGS:
+        out = CACHE / "fidelity" / f"{signal}{k or ''}_{dtype}"
+        shutil.rmtree(out, ignore_errors=True)
+        spec = LabelSpec(signal=signal, k=k, dtype=dtype, shard_size=32, batch_size=16)
+        t0 = time.perf_counter()
+        store = label(ModuleTeacher(teacher), x, ids, out, spec, mask=mask, tokenizer=tok,
+                      preprocessing={"text": "tinyshakespeare", "seq_len": CONFIG["ctx"]},
+                      progress=False)  # fmt: skip
+        label_s = time.perf_counter() - t0
+        sig = store.get(ids)
+        if signal == "dense":
+            q_log = F.log_softmax(sig.logits, -1)
+            tail = torch.zeros(())
+        else:
+            q_log = reconstruct(sig.topk_ids, sig.topk_logprobs, sig.tail_mass, dense.shape[-1])
+            tail = sig.tail_mass
+        kl = (p_log.exp() * (p_log - q_log)).sum(-1)  # (N, T)
+        row = {
+            "signal": signal,
+            "k": k,
+            "dtype": dtype,
+            "bytes_per_token": store.nbytes / store.num_positions,
+            "mean_kl_nats_per_token": float(kl.mean()),
+            "median_kl": float(kl.median()),
+            "mean_tail_mass": float(tail.float().mean()),
+            "label_s": label_s,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(out)
+    ent = float(-(p_log.exp() * p_log).sum(-1).mean())
+    res = {
+        "teacher": {**CONFIG, **json.loads((CACHE / "lm_teacher" / "train.json").read_text())}
+        | {"log": None},
+        "tokens": int(mask.sum()),
+        "teacher_mean_entropy_nats": ent,
+        "rows": rows,
+        "command": f"bench/store_fidelity.py --windows {a.windows}",
+    }
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, Path(a.out).with_suffix(".png"))
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for dt, mk in (("fp16", "o-"), ("q8", "s-")):
+        rs = [r for r in res["rows"] if r["signal"] == "topk" and r["dtype"] == dt]
+        ax.plot([r["bytes_per_token"] for r in rs], [r["mean_kl_nats_per_token"] for r in rs], mk,
+                label=f"top-k + tail, {dt}")  # fmt: skip
+        for r in rs:
+            ax.annotate(
+                f"k={r['k']}", (r["bytes_per_token"], r["mean_kl_nats_per_token"]), fontsize=7
+            )
+    d = next(r for r in res["rows"] if r["signal"] == "dense")
+    ax.plot(
+        [d["bytes_per_token"]], [max(d["mean_kl_nats_per_token"], 1e-6)], "k*", label="dense fp16"
+    )
+    ax.axvline(300, color="gray", ls="--", lw=0.8)
+    ax.axhline(0.01, color="gray", ls=":", lw=0.8)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="bytes per token",
+        ylabel="mean KL(dense ‖ stored), nats/token",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

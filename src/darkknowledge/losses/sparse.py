@@ -1,0 +1,152 @@
+"""Divergences against a top-k teacher: ids, log-probabilities and the tail mass.
+
+A top-k teacher gives, per position, the ``K`` most probable classes/tokens ``ids
+(..., K)`` with log-probabilities ``logprobs (..., K)`` and the mass of everything else,
+``tail (...)`` = 1 − Σ exp(logprobs). Both distributions are compared on the same
+K + 1 buckets: the K teacher ids, and one "tail bucket" holding all other outputs
+(the student's tail is its probability outside the K ids). This keeps the teacher
+distribution normalised, as in the tail-bucket treatment of offline top-k logits in
+LLM distillation tools, rather than renormalising the top-k alone (which Anshumann et
+al. 2025, "Sparse Logit Sampling", show biases the student's calibration).
+
+Coarse-graining can only lose information (data-processing inequality), so each
+bucketed divergence is ≤ the dense one, with equality when the teacher has no mass
+outside the top-k or when K = V − 1 (the tail is one class). The student still gets a
+gradient on every output through its softmax normaliser.
+
+Shapes: ``student_logits (..., V)``, ``ids (..., K)`` int64, ``logprobs (..., K)``,
+``tail (...)``, ``mask (...)``. fp32 inside, mean over valid positions, an all-masked
+input gives 0 with finite gradients. ``temperature`` divides the student logits; the
+teacher's log-probs must have been stored at that same temperature (the store records
+it and training refuses a mismatch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .divergences import _kl_per_position, _up, cross_entropy, masked_mean
+
+# A finite stand-in for −∞ in the student's tail: keeps logsumexp's gradient finite
+# when the top-k covers every output (an empty tail).
+_NEG = -1.0e4
+
+
+def buckets(
+    student_logits: Tensor, ids: Tensor, logprobs: Tensor, tail: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of student and teacher on the K + 1 buckets, each ``(..., K+1)``.
+
+    The teacher's buckets are renormalised (stored log-probs may be rounded to
+    fp16/bf16/8 bits), so they always sum to one.
+    """
+    s = F.log_softmax(_up(student_logits) / temperature, dim=-1)  # (..., V)
+    ids = ids.long()
+    s_k = s.gather(-1, ids)  # (..., K)
+    s_rest = s.scatter(-1, ids, _NEG)  # (..., V): top-k ids removed
+    s_tail = torch.logsumexp(s_rest, dim=-1, keepdim=True)  # (..., 1)
+    s_b = torch.cat([s_k, s_tail], dim=-1)  # (..., K+1)
+    t_tail = _up(tail).clamp_min(1e-30).log().unsqueeze(-1)  # (..., 1)
+    t_b = torch.cat([_up(logprobs), t_tail], dim=-1)  # (..., K+1)
+    t_b = t_b - torch.logsumexp(t_b, dim=-1, keepdim=True)
+    return s_b, t_b
+
+
+def sparse_forward_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """KL(p_teacher ‖ p_student) on the top-k + tail buckets (Hinton et al. 2015)."""
+    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
+    return masked_mean(_kl_per_position(t, s), mask)
+
+
+def sparse_reverse_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """KL(p_student ‖ p_teacher) on the buckets (Gu et al. 2024, "MiniLLM")."""
+    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
+    return masked_mean(_kl_per_position(s, t), mask)
+
+
+def sparse_jsd(
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail: Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Generalised JSD_β on the buckets (Agarwal et al. 2024, GKD); β = 0 / 1 are
+    forward / reverse KL, as in the dense version."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd: beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return sparse_forward_kl(student_logits, ids, logprobs, tail, temperature, mask)
+    if beta == 1.0:
+        return sparse_reverse_kl(student_logits, ids, logprobs, tail, temperature, mask)
+    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
+    log_beta = torch.log(torch.tensor(beta, dtype=s.dtype))
+    log_1mb = torch.log(torch.tensor(1.0 - beta, dtype=s.dtype))
+    m = torch.logsumexp(torch.stack([t + log_beta, s + log_1mb]), dim=0)  # (..., K+1)
+    per = beta * _kl_per_position(t, m) + (1.0 - beta) * _kl_per_position(s, m)
+    return masked_mean(per, mask)
+
+
+def sparse_tvd(
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Total variation ½·Σ|p_t − p_s| on the buckets (Wen et al. 2023), in [0, 1]."""
+    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
+    return masked_mean(0.5 * (t.exp() - s.exp()).abs().sum(-1), mask)
+
+
+def sparse_hinton_kd(
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail: Tensor,
+    labels: Tensor | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Hinton, Vinyals & Dean (2015) against a top-k teacher stored at ``temperature``:
+    α·T²·KL_buckets + (1 − α)·CE(y); only the soft term when ``labels`` is None."""
+    if temperature <= 0:
+        raise ValueError(f"hinton_kd: temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"hinton_kd: alpha must be in [0, 1], got {alpha}")
+    soft = temperature**2 * sparse_forward_kl(
+        student_logits, ids, logprobs, tail, temperature, mask
+    )
+    if labels is None:
+        return soft
+    return alpha * soft + (1.0 - alpha) * cross_entropy(student_logits, labels, mask)
+
+
+def reconstruct(ids: Tensor, logprobs: Tensor, tail: Tensor, vocab: int) -> Tensor:
+    """A dense distribution ``(..., V)`` (log-probs) from top-k + tail, the tail spread
+    evenly over the V − K other outputs. For measuring what a top-k store loses."""
+    k = ids.shape[-1]
+    fill = (_up(tail).clamp_min(1e-30) / max(vocab - k, 1)).log()  # (...)
+    out = fill.unsqueeze(-1).expand(*ids.shape[:-1], vocab).clone()  # (..., V)
+    out.scatter_(-1, ids.long(), _up(logprobs))
+    return out - torch.logsumexp(out, dim=-1, keepdim=True)

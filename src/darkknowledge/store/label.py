@@ -1,0 +1,313 @@
+"""Labelling: run a teacher once over fixed inputs and write its signals to a store.
+
+Resumable and crash-safe. Shard ``i`` always holds rows ``[i·S, (i+1)·S)`` computed in
+the same batches, and is written atomically; a rerun skips the shards that exist and
+computes the rest, so a store finished after any number of kills is byte-identical to
+one written in a single run.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..errors import DKError
+from ..teachers import Batch, Teacher
+from . import fingerprint as fp
+from .format import (
+    FLOAT_DTYPES,
+    FORMAT,
+    MANIFEST,
+    SHARDS,
+    quantize_q8,
+    read_header,
+    sha256_file,
+    shard_name,
+    write_json,
+    write_shard,
+)
+from .reader import SignalStore, read_manifest
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What to store. ``signal='topk'`` keeps the ``k`` most probable classes/tokens,
+    their log-probabilities at ``temperature`` and the tail mass 1 − Σ top-k; ``'dense'``
+    keeps all logits (raw, so any loss temperature works). ``dtype`` is the storage type
+    of the float signals: fp32, fp16, bf16, or q8 (top-k log-probs in 8 bits, 0.1-nat
+    steps); ``auto`` picks fp16 for dense and q8 for top-k. ``hidden`` names teacher layers whose outputs are stored too."""
+
+    signal: str = "topk"
+    k: int | None = 64
+    dtype: str = "auto"  # fp16 for dense, q8 for top-k
+    temperature: float = 1.0
+    shard_size: int = 8192
+    batch_size: int = 512
+    hidden: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "q8" if self.signal == "topk" else "fp16")
+
+    def validate(self, vocab: int | None = None) -> None:
+        if self.signal not in ("dense", "topk"):
+            raise DKError(f"label.signal must be dense or topk, not {self.signal!r}")
+        if self.dtype not in (*FLOAT_DTYPES, "q8"):
+            raise DKError(f"label.dtype must be fp32, fp16, bf16 or q8, not {self.dtype!r}")
+        if self.signal == "dense" and self.dtype == "q8":
+            raise DKError("label.dtype=q8 is for top-k log-probabilities; use fp16 for dense")
+        if self.signal == "topk":
+            if not self.k or self.k < 1:
+                raise DKError("label.k must be ≥ 1 for top-k signals")
+            if vocab is not None and self.k >= vocab:
+                raise DKError(
+                    f"label.k={self.k} but the teacher has only {vocab} outputs: "
+                    "use label.signal=dense (it is no larger) or a smaller k"
+                )
+        if self.signal == "dense" and self.temperature != 1.0:
+            raise DKError(
+                "label.temperature applies to top-k signals; dense stores keep raw logits, "
+                "which serve every loss temperature: leave it at 1.0"
+            )
+
+    def fields(self) -> dict:
+        return {
+            "signal": self.signal,
+            "temperature": self.temperature if self.signal == "topk" else None,
+            "k": self.k if self.signal == "topk" else None,
+            "dtype": self.dtype,
+            "hidden": sorted(self.hidden),
+        }
+
+
+def base_fingerprint(teacher: Teacher, x: Tensor, ids: Tensor) -> dict:
+    """The fields computable from the teacher and the inputs themselves."""
+    mods = getattr(teacher, "modules", list)()
+    extra = {"class": type(teacher).__name__}
+    for attr in ("combine",):
+        if hasattr(teacher, attr):
+            extra[attr] = getattr(teacher, attr)
+    if hasattr(teacher, "weights") and isinstance(teacher.weights, Tensor):
+        extra["weights"] = teacher.weights.tolist()
+    return {
+        "teacher": fp.modules_digest(mods, extra),
+        "data": fp.tensor_digest(x),
+        "example_ids": fp.tensor_digest(ids),
+    }
+
+
+def label(
+    teacher: Teacher,
+    x: Tensor,
+    ids: Tensor,
+    out: str | Path,
+    spec: LabelSpec | None = None,
+    *,
+    mask: Tensor | None = None,
+    preprocessing: dict | None = None,
+    tokenizer: str | None = None,
+    describe: dict | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SignalStore:
+    """Label inputs ``x (N, ...)`` with example ids ``ids (N,)`` into the store ``out``.
+
+    Classification: the teacher returns logits ``(B, V)``. Token sequences: ``x (N, T)``
+    token ids with ``mask (N, T)`` of valid positions; the teacher returns ``(B, T, V)``.
+    ``preprocessing`` (a JSON-able description) and ``tokenizer`` (a digest, e.g. from
+    :func:`~darkknowledge.store.fingerprint.files_digest`) enter the fingerprint.
+    An interrupted call is continued by calling it again with the same arguments.
+    """
+    spec = spec or LabelSpec()
+    out = Path(out)
+    n = len(x)
+    if len(ids) != n or (mask is not None and mask.shape != x.shape[: mask.dim()]):
+        raise DKError("label: x, ids and mask must have the same number of examples")
+    if n == 0:
+        raise DKError("label: nothing to label (0 examples)")
+    if len(torch.unique(ids)) != n:
+        raise DKError("label: example ids must be unique")
+    task = "sequence" if mask is not None else "classification"
+    fingerprint = base_fingerprint(teacher, x, ids)
+    fingerprint["preprocessing"] = fp.json_digest(preprocessing or {})
+    fingerprint["tokenizer"] = tokenizer
+    n_shards = math.ceil(n / spec.shard_size)
+    layout = {"num_examples": n, "shard_size": spec.shard_size, "batch_size": spec.batch_size}
+
+    # One batch first: it gives V (to validate k) and checks the teacher's output shape.
+    probe = teacher.signals(Batch(x[:1], None, ids[:1])).logits
+    if probe is None:
+        raise DKError("label: the teacher gave no logits")
+    vocab = int(probe.shape[-1])
+    spec.validate(vocab)
+    fingerprint.update(spec.fields())
+    head = {
+        "format": FORMAT,
+        "task": task,
+        "vocab": vocab,
+        **layout,
+        **{k: spec.fields()[k] for k in ("signal", "k", "dtype", "temperature")},
+        "fingerprint": fingerprint,
+        "preprocessing": preprocessing or {},
+        "describe": describe or {},
+    }
+    shard_dir = out / SHARDS
+    if (out / MANIFEST).exists() and not force:
+        old = read_manifest(out)
+        for key in ("fingerprint", "task", "vocab", *layout):
+            if old.get(key) != head[key]:
+                what = (
+                    f"fingerprint field '{fp.first_difference(old[key], head[key])}'"
+                    if key == "fingerprint"
+                    else f"'{key}'"
+                )
+                raise DKError(
+                    f"{out}: holds a store for a different labelling ({what} differs); "
+                    "use --force to replace it or --out for a new store"
+                )
+        if old.get("complete"):
+            return SignalStore(out)
+    elif out.exists() and any(out.iterdir()) and not force:
+        if any((out / SHARDS).glob("*.safetensors")):
+            raise DKError(f"{out}: has shards but no manifest; use --force to relabel")
+    if force and shard_dir.exists():
+        shutil.rmtree(shard_dir)
+        (out / MANIFEST).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).exists():  # first, so shards never exist without a manifest
+        write_json(out / MANIFEST, {**head, "complete": False, "shards": []})
+    shard_dir.mkdir(exist_ok=True)
+    for tmp in [*shard_dir.glob("*.tmp"), *out.glob("*.tmp")]:  # being written at a kill
+        tmp.unlink()
+
+    todo = [i for i in range(n_shards) if not _shard_ok(shard_dir / shard_name(i))]
+    bar = tqdm(
+        total=n,
+        initial=n - sum(min(spec.shard_size, n - i * spec.shard_size) for i in todo),
+        desc=f"label {out.name}",
+        unit="ex",
+        file=sys.stderr,
+        disable=None if progress else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    with _hidden_hooks(teacher, spec.hidden) as captured:
+        for i in todo:
+            lo, hi = i * spec.shard_size, min((i + 1) * spec.shard_size, n)
+            parts: list[dict[str, Tensor]] = []
+            for b in range(lo, hi, spec.batch_size):
+                e = min(b + spec.batch_size, hi)
+                captured.clear()
+                sig = teacher.signals(Batch(x[b:e], None, ids[b:e]))
+                parts.append(_encode(sig.logits, spec, vocab, captured))
+                bar.update(e - b)
+            tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            tensors["ids"] = ids[lo:hi].to(torch.int64)
+            if mask is not None:
+                tensors["mask"] = mask[lo:hi].to(torch.uint8)
+            write_shard(shard_dir / shard_name(i), tensors)
+    bar.close()
+
+    shards = []
+    for i in range(n_shards):
+        f = shard_dir / shard_name(i)
+        rows = min(spec.shard_size, n - i * spec.shard_size)
+        shards.append(
+            {"file": f.name, "rows": rows, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        )
+    positions = int(mask.sum()) if mask is not None else n
+    hidden_dims = {}
+    if spec.hidden:
+        header, _ = read_header(shard_dir / shard_name(0))
+        hidden_dims = {h: header[f"hidden.{h}"]["shape"][1:] for h in spec.hidden}
+    write_json(
+        out / MANIFEST,
+        {
+            **head,
+            "complete": True,
+            "num_positions": positions,
+            "hidden": hidden_dims,
+            "shards": shards,
+            "spec": asdict(spec) | {"hidden": list(spec.hidden)},
+        },
+    )
+    return SignalStore(out)
+
+
+def _shard_ok(path: Path) -> bool:
+    """A shard exists whole (renamed into place) — its header must still parse."""
+    if not path.exists():
+        return False
+    try:
+        read_header(path)
+    except DKError:
+        path.unlink()
+        return False
+    return True
+
+
+def _encode(logits: Tensor | None, spec: LabelSpec, vocab: int, hidden: dict) -> dict:
+    """Teacher logits ``(B, [T,] V)`` → the tensors one batch adds to a shard."""
+    if logits is None or logits.shape[-1] != vocab:
+        raise DKError("label: the teacher's output size changed between batches")
+    out: dict[str, Tensor] = {}
+    if spec.signal == "dense":
+        out["logits"] = logits.to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] V)
+    else:
+        z = logits.float()
+        if spec.temperature != 1.0:
+            z = z / spec.temperature
+        # top-k of the logits, normalised by one logsumexp: never builds (B, T, V) log-probs
+        vals, idx = z.topk(spec.k, dim=-1)  # (B, [T,] K), sorted
+        vals = vals - torch.logsumexp(z, dim=-1, keepdim=True)
+        tail = (1.0 - vals.double().exp().sum(-1)).clamp_min(0.0).float()  # (B, [T])
+        out["topk_ids"] = idx.to(torch.uint16 if vocab <= 65536 else torch.int32)
+        out["topk_logprobs"] = (
+            quantize_q8(vals) if spec.dtype == "q8" else vals.to(FLOAT_DTYPES[spec.dtype])
+        )
+        out["tail_mass"] = tail
+    fdt = torch.float32 if spec.dtype == "q8" else FLOAT_DTYPES[spec.dtype]
+    for name, h in hidden.items():
+        out[f"hidden.{name}"] = h.to(fdt)
+    return out
+
+
+@contextmanager
+def _hidden_hooks(teacher: Teacher, names: tuple[str, ...]):
+    """Capture the outputs of the teacher's layers ``names`` into a dict per batch.
+
+    With several teacher networks (an ensemble) a name is ``<member>.<layer>``."""
+    captured: dict[str, Tensor] = {}
+    if not names:
+        yield captured
+        return
+    mods = getattr(teacher, "modules", list)()
+    table = {}
+    for i, m in enumerate(mods):
+        for n, sub in m.named_modules():
+            if n:
+                table[n if len(mods) == 1 else f"{i}.{n}"] = sub
+    handles = []
+    for name in names:
+        if name not in table:
+            some = ", ".join(list(table)[:8])
+            raise DKError(f"label.hidden: the teacher has no layer {name!r} (layers: {some}, ...)")
+
+        def hook(_m, _inp, output, name=name):
+            t = output[0] if isinstance(output, tuple) else output
+            captured[name] = t.detach().float()  # (B, ...) as the layer gives it
+
+        handles.append(table[name].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
