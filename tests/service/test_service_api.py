@@ -63,7 +63,11 @@ def test_uploaded_dataset_job(server, alice):
         ds = r.json()
         assert ds["ref"] == f"dataset:{ds['id']}" and "train-images-idx3-ubyte" in ds["files"]
         assert c.get(f"/datasets/{ds['id']}").json()["sha256"] == ds["sha256"]
-        recipe = {**TINY, "data": {"name": "idx", "path": ds["ref"]}, "train": {"epochs": 10, "batch_size": 32, "lr": 0.01}}
+        recipe = {
+            **TINY,
+            "data": {"name": "idx", "path": ds["ref"]},
+            "train": {"epochs": 10, "batch_size": 32, "lr": 0.01},
+        }
         job = c.post("/jobs", json={"recipe": recipe}).json()
         done = wait_job(c, job["id"])
         assert done["state"] == "succeeded", c.get(f"/jobs/{job['id']}/logs").text
