@@ -79,7 +79,7 @@ class Server:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.starts += 1
-        log = open(self.root / f"server-{self.starts}.log", "wb")  # noqa: SIM115
+        log = open(self.root / f"server-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(self._dk("serve", "--port", str(port)), env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.time() + 90

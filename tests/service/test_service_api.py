@@ -9,10 +9,10 @@ import time
 import zipfile
 
 import torch
-from conftest import TINY, TINY_KD, tiny_idx_zip, wait_job
 from sqlalchemy import text
 
 import darkknowledge as dk
+from conftest import TINY, TINY_KD, tiny_idx_zip, wait_job
 
 
 def test_submit_run_download_reload(server, alice, tmp_path):
@@ -151,3 +151,25 @@ def test_database_rows_match_the_api(server, alice):
     }
     assert alice not in hashes and all(len(h) == 64 for h in hashes)  # only hashes stored
     assert json.dumps(listed).count(alice) == 0
+
+
+def test_dashboard_pages_render(server, alice):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=30) as web:
+        assert web.get("/ui/jobs").headers["location"] == "/ui/login"  # redirect, no cookie
+        assert web.post("/ui/login", data={"token": "dk_nope"}).status_code == 401
+        r = web.post("/ui/login", data={"token": alice})
+        assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
+        listing = web.get("/ui/jobs")
+        assert listing.status_code == 200 and "kd tiny" in listing.text
+        r = web.post("/ui/jobs", data={"recipe": "data: [unclosed", "name": "x"})
+        assert r.status_code == 422 and "malformed YAML" in r.text
+        r = web.post("/ui/jobs", data={"recipe": "!!python/object/apply:os.system [id]"})
+        assert r.status_code == 422 and "Traceback" not in r.text
+        with server.client(alice) as c:
+            done = [j for j in c.get("/jobs").json()["data"] if j["state"] == "succeeded"]
+        page = web.get(f"/ui/jobs/{done[-1]['id']}")
+        assert page.status_code == 200 and 'id="report"' in page.text
+        assert web.get("/ui/jobs/99999999999").status_code == 404
+        assert "<script>alert" not in web.get("/ui/jobs").text

@@ -7,9 +7,9 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import TINY, Server, wait_job
 from sqlalchemy import text
 
+from conftest import TINY, Server, wait_job
 from darkknowledge.service.auth import create_token
 from darkknowledge.service.db import session_factory
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import TINY, Server, wait_job
 from safetensors.torch import load_file
 from sqlalchemy import text
 
+from conftest import TINY, Server, wait_job
 from darkknowledge.service.worker import lock_is_free
 
 # dropout makes the result depend on the RNG state, so an inexact resume would show

@@ -9,6 +9,7 @@ import zipfile
 
 import httpx
 import pytest
+
 from conftest import TINY, Server, tiny_idx_zip
 
 

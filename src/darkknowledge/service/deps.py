@@ -57,7 +57,7 @@ def current_token(
 Caller = Annotated[Token, Depends(current_token)]
 
 
-def owned_job(job_id: Annotated[int, Path(ge=1, le=2**62)], db: DB, caller: Caller) -> Job:
+def owned_job(job_id: Annotated[int, Path(ge=1, le=2**31 - 1)], db: DB, caller: Caller) -> Job:
     job = db.get(Job, job_id)
     if job is None or job.owner_id != caller.id:
         raise HTTPException(404, f"job {job_id} not found")

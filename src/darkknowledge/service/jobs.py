@@ -112,8 +112,9 @@ def create_job(
     settings: ServiceSettings, db: Session, owner: Token, recipe: dict, name: str | None
 ) -> Job:
     resolved = validate_job_recipe(settings, db, owner, recipe)
-    name = name or recipe.get("name") or "job"
-    job = Job(owner_id=owner.id, name=str(name)[:200], recipe=recipe, resolved=resolved)
+    name = str(name or recipe.get("name") or "job")
+    name = "".join(ch for ch in name if ch.isprintable())[:200] or "job"  # no NUL for PG
+    job = Job(owner_id=owner.id, name=name, recipe=recipe, resolved=resolved)
     db.add(job)
     db.commit()
     db.refresh(job)

@@ -137,8 +137,8 @@ _env = Environment(
 pages = APIRouter(include_in_schema=False)
 
 
-def _render(name: str, status: int = 200, **ctx) -> HTMLResponse:
-    return HTMLResponse(_env.get_template(name).render(**ctx), status_code=status)
+def _render(template: str, status: int = 200, **ctx) -> HTMLResponse:
+    return HTMLResponse(_env.get_template(template).render(**ctx), status_code=status)
 
 
 def _caller(request: Request, db) -> Token | None:
@@ -231,7 +231,7 @@ def _page_job(request, db, job_id: int) -> tuple[Token | None, Job | None]:
     caller = _caller(request, db)
     if caller is None:
         return None, None
-    job = db.get(Job, job_id)
+    job = db.get(Job, job_id) if 1 <= job_id < 2**31 else None  # the id column is 32-bit
     return caller, job if job is not None and job.owner_id == caller.id else None
 
 

@@ -288,7 +288,6 @@ def _warm_imports() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot
-
     import sklearn.datasets  # noqa: F401  (digits)
     import torch._dynamo  # noqa: F401  (imported lazily by the first optimizer: 2 s)
 
