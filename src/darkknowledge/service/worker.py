@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from .db import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, make_engine
 from .jobs import job_dir
@@ -44,6 +45,10 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         return
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)  # the parent died before prctl took effect
+
+
+def _warn(msg: str) -> None:
+    print(f"dk worker {os.getpid()}: {msg.splitlines()[0]}", file=sys.stderr, flush=True)
 
 
 def events(jdir: Path, **rec) -> None:
@@ -228,7 +233,11 @@ class Worker:
                 return "requeued"
             if time.monotonic() - last_hb >= self.s.heartbeat_s:
                 last_hb = time.monotonic()
-                ours, cancel = self.heartbeat(job_id, attempt)
+                try:
+                    ours, cancel = self.heartbeat(job_id, attempt)
+                except SQLAlchemyError as e:  # the database is away: keep training, retry
+                    _warn(f"heartbeat for job {job_id} failed: {e}")
+                    ours, cancel = True, False
                 if not ours:
                     self._stop_child(pid)
                     events(jdir, event="end", attempt=attempt, state="lost (job changed)")
@@ -271,10 +280,15 @@ class Worker:
         ran = 0
         while not self.stopping and (max_jobs is None or ran < max_jobs):
             now = time.monotonic()
-            if now - self._last_recover >= max(self.s.heartbeat_s, 0.5):
-                self._last_recover = now
-                self.recover()
-            claimed = self.claim()
+            try:
+                if now - self._last_recover >= max(self.s.heartbeat_s, 0.5):
+                    self._last_recover = now
+                    self.recover()
+                claimed = self.claim()
+            except SQLAlchemyError as e:  # e.g. PostgreSQL restarting: wait, then go on
+                _warn(f"database error, retrying in 2 s: {e}")
+                time.sleep(2)
+                continue
             if claimed is None:
                 time.sleep(self.s.poll_s)
                 continue
