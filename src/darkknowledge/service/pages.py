@@ -129,8 +129,14 @@ _JOB = """{% extends "base" %}{% block title %}Job {{ job.id }}{% endblock %}{% 
 </script>{% endif %}
 {% endblock %}"""
 
+_MESSAGE = """{% extends "base" %}{% block title %}{{ message }}{% endblock %}{% block body %}
+<p class="error" id="error">{{ message }}</p><p><a href="/ui/jobs">back to the jobs</a></p>
+{% endblock %}"""
+
 _env = Environment(
-    loader=DictLoader({"base": _BASE, "login": _LOGIN, "jobs": _JOBS, "job": _JOB}),
+    loader=DictLoader(
+        {"base": _BASE, "login": _LOGIN, "jobs": _JOBS, "job": _JOB, "message": _MESSAGE}
+    ),
     autoescape=select_autoescape(default=True, default_for_string=True),
 )
 
@@ -243,7 +249,7 @@ def job_page(
     if caller is None:
         return _to_login()
     if job is None:
-        return _render("login", 404, caller=caller, error=f"job {job_id} not found")
+        return _render("message", 404, caller=caller, message=f"job {job_id} not found")
     rep = jobs.report(settings, job)
     plots = [p.name for p in sorted(jobs.run_dir(settings, job.id).glob("*.png"))] if rep else []
     return _render(
