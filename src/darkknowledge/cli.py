@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="print a finished run's report (and re-draw its plots)")
     rep.add_argument("run_dir")
+
+    from .service.cli import add_serve_parser  # argparse only: no service imports yet
+
+    add_serve_parser(sub)
     return p
 
 
@@ -149,6 +153,10 @@ def _dispatch(args) -> int:
             raise DKError("--seeds: need at least 2 seeds to report a standard deviation")
         print(run_demo(Path(args.out), args.seeds))
         return 0
+    if args.cmd == "serve":
+        from .service.cli import serve_main
+
+        return serve_main(args)
     raise AssertionError(args.cmd)  # pragma: no cover
 
 

@@ -26,7 +26,13 @@ Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 def _resolve(v: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
+    ctx = info.context or {}
+    # A caller that must confine paths (the job service) passes ``resolve_path``: it maps
+    # every path in the recipe before anything looks at the file system, and raises
+    # ValueError for a path it refuses.
+    if ctx.get("resolve_path") is not None:
+        return ctx["resolve_path"](v)
+    base = ctx.get("base_dir")
     v = v.expanduser()
     if not v.is_absolute() and base is not None:
         v = Path(base) / v

@@ -3,6 +3,7 @@ Every failure becomes a :class:`DKError` with one line naming the key or file.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
 
 
 def validate_recipe(
-    data: dict, base_dir: str | Path | None = None, source: str = "recipe"
+    data: dict,
+    base_dir: str | Path | None = None,
+    source: str = "recipe",
+    resolve_path: Callable[[Path], Path] | None = None,
 ) -> Recipe:
+    """``resolve_path``, when given, replaces the usual resolution of every path in the
+    recipe (the job service uses it to confine paths to its data roots)."""
+    ctx = {"base_dir": base_dir, "resolve_path": resolve_path}
     try:
-        return Recipe.model_validate(data, context={"base_dir": base_dir})
+        return Recipe.model_validate(data, context=ctx)
     except ValidationError as e:
         raise DKError(format_validation_error(e, data, source)) from None
 

@@ -1,0 +1,95 @@
+"""What runs inside a job's child process: the same ``run_recipe`` as ``dk run``.
+
+The worker forks this child after importing the pipeline, so a job starts in
+milliseconds. The child validates the job's resolved recipe again, writes the plan
+(the phases and their step counts, for progress), and runs with ``resume=True``: a
+fresh run starts from nothing, a restarted one continues from its last checkpoint.
+Exit status: 0 done, 2 the recipe or its data is wrong, 1 anything else; the last line
+of ``log.txt`` says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def plan_phases(recipe, data) -> list[dict]:
+    """Each training phase of ``run_recipe``: folder (relative to the run dir), steps."""
+
+    def steps(n: int, cfg) -> int:
+        total = math.ceil(n / cfg.batch_size) * cfg.epochs
+        return min(total, cfg.max_steps) if cfg.max_steps else total
+
+    phases = []
+    t = recipe.teacher
+    if t is not None:
+        members = (
+            [("teacher", t)]
+            if t.kind == "module"
+            else [(f"teacher/member_{i}", m) for i, m in enumerate(t.members)]
+        )
+        for folder, m in members:
+            if m.checkpoint is None:
+                cfg = m.train if m.seed is None else m.train.model_copy(update={"seed": m.seed})
+                phases.append({"name": folder, "dir": folder, "total": steps(len(data.train), cfg)})
+    name = "distil" if t is not None else "student"
+    phases.append(
+        {"name": name, "dir": "student", "total": steps(len(data.transfer), recipe.train)}
+    )
+    if t is not None and recipe.eval.plain_baseline:
+        phases.append(
+            {"name": "plain", "dir": "plain", "total": steps(len(data.train), recipe.train)}
+        )
+    return phases
+
+
+def run_job(job_dir: Path, resolved: dict, threads: int) -> int:
+    """Run one job in this (child) process. Returns the exit status."""
+    import torch
+
+    from ..data import load_data
+    from ..errors import DKError
+    from ..pipeline import run_recipe
+    from ..recipe_io import validate_recipe
+
+    torch.set_num_threads(threads)
+    try:
+        recipe = validate_recipe(resolved, source="job recipe")
+        data = load_data(recipe.data)
+        plan = {"phases": plan_phases(recipe, data)}
+        tmp = job_dir / "plan.json.tmp"
+        tmp.write_text(json.dumps(plan))
+        os.replace(tmp, job_dir / "plan.json")
+        res = run_recipe(recipe, job_dir / "run", resume=True)
+        rows = {k: round(v["accuracy"], 4) for k, v in res.report["rows"].items()}
+        print(f"done: test accuracy {rows}", flush=True)
+        return 0
+    except DKError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    except MemoryError:
+        print("error: out of memory; lower train.batch_size or use a smaller model", flush=True)
+        return 1
+    except Exception as e:  # the job fails with the reason; the worker lives on
+        traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {e}", flush=True)
+        return 1
+
+
+def child_main(job_dir: Path, resolved: dict, threads: int, log_path: Path) -> None:
+    """Entry point of the forked child: output to the job's log, then exit."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    code = run_job(job_dir, resolved, threads)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
