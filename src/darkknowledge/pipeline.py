@@ -270,7 +270,7 @@ def run_seeds(
     the same teacher. Writes ``out/summary.json`` (mean ± sd per report row)."""
     from .recipe_io import load_recipe
 
-    out = Path(out)
+    out = Path(out).resolve()  # teacher checkpoints are passed on as absolute paths
     reports = []
     first_dir = out / f"seed_{seeds[0]}"
     for i, s in enumerate(seeds):
