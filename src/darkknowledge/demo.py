@@ -7,7 +7,6 @@ every student, plain or distilled, learns from the same teacher with the same bu
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from .pipeline import run_seeds
@@ -65,5 +64,5 @@ def _mean_report(reports: list[dict], summary: dict) -> dict:
     rep["recipe"] = f"demo ({len(summary['seeds'])} seeds; accuracy = mean)"
     for name, row in rep["rows"].items():
         row["accuracy"] = summary["rows"][name]["acc_mean"] / 100
-        row["errors"] = round(statistics.mean(r["rows"][name]["errors"] for r in reports))
+        row["errors"] = round(summary["rows"][name]["errors_mean"])
     return rep

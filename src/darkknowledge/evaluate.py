@@ -31,15 +31,11 @@ def predict_logits(model: nn.Module | Teacher, ds: ArrayDataset, batch_size: int
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) -> float:
     """ECE with equal-width confidence bins (Guo et al. 2017). probs (N, V), labels (N,)."""
-    conf, pred = probs.max(-1)
-    correct = (pred == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in itertools.pairwise(edges):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.float().mean() * (conf[m].mean() - correct[m].mean()).abs()
-    return float(ece)
+    n = len(labels)
+    return sum(
+        b["count"] / n * abs(b["confidence"] - b["accuracy"])
+        for b in reliability_bins(probs, labels, bins)
+    )
 
 
 def reliability_bins(probs: Tensor, labels: Tensor, bins: int = 15) -> list[dict]:
