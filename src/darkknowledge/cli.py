@@ -84,12 +84,37 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _family(recipe_path: str) -> str:
+    from .families import family_of
+    from .recipe_io import read_yaml
+
+    return family_of(read_yaml(recipe_path), recipe_path)
+
+
 def _dispatch(args) -> int:
     if args.cmd == "validate":
-        from .recipe_io import dump_recipe, load_recipe
+        import yaml
 
-        recipe, _ = load_recipe(args.recipe, args.overrides)
-        print("OK" if args.quiet else dump_recipe(recipe), end="\n" if args.quiet else "")
+        from .families import load_family_recipe
+
+        name, recipe, _ = load_family_recipe(args.recipe, args.overrides)
+        if args.quiet:
+            print("OK")
+        else:
+            dumped = recipe.model_dump(mode="json")
+            if name != "classify":
+                dumped = {"family": name, **dumped}
+            print(yaml.safe_dump(dumped, sort_keys=False), end="")
+        return 0
+    if args.cmd == "run" and _family(args.recipe) != "classify":
+        from .families import load_family_recipe, runner
+
+        name, recipe, _ = load_family_recipe(args.recipe, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+        if args.seeds is not None and args.seeds < 1:
+            raise DKError("--seeds: give a number of seeds ≥ 1")
+        seeds = list(range(args.seeds)) if args.seeds is not None else None
+        print(runner(name)(recipe, out, resume=args.resume, force=args.force, seeds=seeds))
         return 0
     if args.cmd == "run":
         from .pipeline import run_recipe

@@ -145,6 +145,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     """Validate a recipe file with overrides. Returns (recipe, the raw merged dict)."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides or [])
+    family = data.get("family", "classify")
+    if family != "classify":
+        raise DKError(
+            f"{path}: family {family!r}: this command takes classify recipes only "
+            f"(dk run and dk validate take every family)"
+        )
+    data = {k: v for k, v in data.items() if k != "family"}
     return validate_recipe(data, base_dir=path.resolve().parent, source=str(path)), data
 
 

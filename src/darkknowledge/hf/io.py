@@ -1,0 +1,153 @@
+"""Loading and saving transformers models and tokenizers, with one-line errors.
+
+Models come from a local folder, a hub id (only where the network allows; this tool never
+needs it), or a tiny architecture built from a config by registry name (``TINY``), so
+tests and CPU recipes run offline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import DKError
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ModuleNotFoundError:
+        raise DKError(
+            "this needs Hugging Face transformers: pip install 'darkknowledge[hf]'"
+        ) from None
+    return transformers
+
+
+# Tiny architectures by registry name: (config class, keyword arguments). Sizes are small
+# enough for CPU tests; recipes override any field (e.g. num_hidden_layers, vocab_size).
+TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-bert": (
+        "BertConfig",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        ),
+    ),
+    "tiny-roberta": (
+        "RobertaConfig",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=130,
+        ),
+    ),
+    "tiny-gpt2": (
+        "GPT2Config",
+        dict(vocab_size=1000, n_embd=64, n_layer=4, n_head=4, n_positions=256),
+    ),
+    "tiny-llama": (
+        "LlamaConfig",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=256,
+        ),
+    ),
+}
+
+AUTO_CLASSES = (
+    "AutoModel",
+    "AutoModelForMaskedLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForCausalLM",
+)
+
+
+def tiny_config(name: str, **overrides):
+    """A transformers config for a registry name in :data:`TINY`, with field overrides."""
+    tf = require_transformers()
+    if name not in TINY:
+        raise DKError(f"unknown tiny model {name!r}; known: {', '.join(sorted(TINY))}")
+    cls_name, kw = TINY[name]
+    cfg_cls = getattr(tf, cls_name)
+    try:
+        return cfg_cls(**{**kw, **overrides})
+    except (TypeError, ValueError) as e:
+        raise DKError(f"tiny model {name!r}: bad config override ({e})") from None
+
+
+def _auto(auto_class: str):
+    tf = require_transformers()
+    if auto_class not in AUTO_CLASSES:
+        raise DKError(f"unknown auto class {auto_class!r}; known: {', '.join(AUTO_CLASSES)}")
+    return getattr(tf, auto_class)
+
+
+def build_tiny(name: str, auto_class: str = "AutoModel", seed: int = 0, **overrides):
+    """A randomly initialised tiny model (seeded) for a registry name in :data:`TINY`."""
+    import torch
+
+    cfg = tiny_config(name, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _auto(auto_class).from_config(cfg)
+
+
+def load_model(source: str | os.PathLike, auto_class: str = "AutoModel", **kwargs):
+    """Load a pretrained model from a local folder (or a hub id where the network allows).
+    Errors (missing folder, no weights, no network) become one line."""
+    auto = _auto(auto_class)
+    src = str(source)
+    if Path(src).exists() and not Path(src).is_dir():
+        raise DKError(f"{src}: expected a model folder (config.json + weights), not a file")
+    try:
+        return auto.from_pretrained(src, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DKError(f"cannot load model {src!r} ({auto_class}): {first}") from None
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise DKError(f"cannot load model {src!r} as {auto_class}: {first}") from None
+
+
+def load_tokenizer(source: str | os.PathLike, **kwargs):
+    """A tokenizer from a model folder, or a GPT-2 BPE tokenizer from a folder holding
+    ``vocab.json`` + ``merges.txt`` (like ../shared/data/tokenizers/gpt2)."""
+    tf = require_transformers()
+    src = Path(str(source))
+    if (
+        (src / "vocab.json").exists()
+        and (src / "merges.txt").exists()
+        and not ((src / "tokenizer.json").exists() or (src / "tokenizer_config.json").exists())
+    ):
+        try:
+            return tf.GPT2TokenizerFast.from_pretrained(str(src), **kwargs)
+        except (OSError, ValueError) as e:
+            raise DKError(f"cannot load the BPE tokenizer in {src}: {e}") from None
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DKError(f"cannot load tokenizer {str(source)!r}: {first}") from None
+
+
+def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Save a model (and its tokenizer) with ``save_pretrained`` (safetensors)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,48 @@
+"""The shared transformers adapter: tiny models by name, tokenizers, save/reload."""
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from darkknowledge.errors import DKError  # noqa: E402
+from darkknowledge.hf.io import build_tiny, load_model, load_tokenizer, save_pretrained  # noqa: E402
+
+GPT2_TOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "gpt2"
+
+
+def test_tiny_models_are_seeded():
+    a = build_tiny("tiny-llama", "AutoModelForCausalLM", seed=3)
+    b = build_tiny("tiny-llama", "AutoModelForCausalLM", seed=3)
+    c = build_tiny("tiny-llama", "AutoModelForCausalLM", seed=4)
+    pa, pb, pc = (next(m.parameters()) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_save_and_reload_same_logits(tmp_path):
+    m = build_tiny("tiny-bert", "AutoModelForSequenceClassification", num_labels=2).eval()
+    save_pretrained(m, tmp_path / "m")
+    r = load_model(tmp_path / "m", "AutoModelForSequenceClassification").eval()
+    x = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=x).logits, r(input_ids=x).logits)
+
+
+def test_missing_model_folder_is_one_line(tmp_path):
+    with pytest.raises(DKError, match="cannot load model") as e:
+        load_model(tmp_path / "nothing-here")
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_tiny_name():
+    with pytest.raises(DKError, match="unknown tiny model"):
+        build_tiny("huge-bert")
+
+
+@pytest.mark.skipif(not GPT2_TOK.exists(), reason="shared GPT-2 tokenizer not present")
+def test_gpt2_bpe_tokenizer_from_vocab_and_merges():
+    tok = load_tokenizer(GPT2_TOK)
+    assert len(tok) == 50257
+    assert tok.decode(tok("To be, or not to be")["input_ids"]) == "To be, or not to be"
