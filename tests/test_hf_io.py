@@ -46,3 +46,17 @@ def test_gpt2_bpe_tokenizer_from_vocab_and_merges():
     tok = load_tokenizer(GPT2_TOK)
     assert len(tok) == 50257
     assert tok.decode(tok("To be, or not to be")["input_ids"]) == "To be, or not to be"
+
+
+def test_char_tokenizer_round_trip_and_reload(tmp_path):
+    from darkknowledge.hf.io import char_tokenizer
+
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    tok = char_tokenizer(text)
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+    tok.save_pretrained(tmp_path / "t")
+    again = load_tokenizer(tmp_path / "t")
+    assert again(text)["input_ids"] == ids
+    assert tok("~")["input_ids"] == [tok.unk_token_id]

@@ -151,3 +151,30 @@ def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def char_tokenizer(text: str, extra_special: tuple[str, ...] = ()):
+    """A character-level fast tokenizer over the characters of ``text`` (sorted, so the
+    same text always gives the same ids), with ``<|endoftext|>`` as BOS/EOS/pad and
+    ``<unk>`` for unseen characters. It saves and reloads with ``save_pretrained`` /
+    ``AutoTokenizer`` like any other tokenizer, so char-level models can be exported and
+    served like BPE ones."""
+    tf = require_transformers()
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<unk>", *extra_special]
+    chars = sorted(set(text))
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=list(extra_special) or None,
+    )
