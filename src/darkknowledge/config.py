@@ -202,6 +202,8 @@ class LabelConfig(Strict):
     shard_size: PosInt = 8192  # examples per shard
     batch_size: PosInt = 512
     hidden: list[str] = []  # teacher layers to store too, e.g. [features.3]
+    # top-k: also store how the tail mass is spread (one (V,) vector); None: on for tokens
+    tail_prior: bool | None = None
 
 
 class StudentConfig(Strict):

@@ -371,6 +371,7 @@ def label_settings(recipe: Recipe, vocab: int):
         shard_size=lc.shard_size,
         batch_size=lc.batch_size,
         hidden=tuple(lc.hidden),
+        tail_prior=lc.tail_prior if signal == "topk" else False,
     )
 
 

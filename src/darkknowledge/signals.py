@@ -23,6 +23,9 @@ class Signals:
     text: list[str] | None = None  # generated text (sequence-level KD)
     # temperature at which topk_logprobs / tail_mass were computed (None: not top-k)
     temperature: float | None = None
+    # (V,) log of the store's tail prior: how the mass outside a position's top-k is
+    # spread over the other outputs (None: evenly). One vector for the whole store.
+    tail_log_prior: Tensor | None = None
 
     @property
     def kinds(self) -> list[str]:
@@ -53,6 +56,7 @@ class Signals:
             mask=pick(self.mask),
             text=None if self.text is None else [self.text[i] for i in idx.tolist()],
             temperature=self.temperature,
+            tail_log_prior=self.tail_log_prior,
         )
 
     @staticmethod
@@ -76,4 +80,5 @@ class Signals:
             mask=cat("mask"),
             text=texts,
             temperature=parts[0].temperature,
+            tail_log_prior=parts[0].tail_log_prior,
         )

@@ -133,3 +133,33 @@ def test_reconstruct_sums_to_one_and_keeps_topk():
     rec = reconstruct(ids, lp, tail, 50)
     assert torch.allclose(rec.exp().sum(-1), torch.ones(2, 3), atol=1e-5)
     assert torch.allclose(rec.gather(-1, ids), lp, atol=1e-5)
+
+
+def test_prior_tail_kl_is_the_exact_kl_to_the_reconstruction_with_gradients():
+    from darkknowledge.losses import reconstruct, sparse_forward_kl, sparse_hinton_kd
+
+    torch.manual_seed(1)
+    v, k = 40, 6
+    s = torch.randn(2, 5, v, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(torch.randn(2, 5, v, dtype=torch.float64) * 2, -1)
+    vals, ids = p.topk(k, -1)
+    tail = 1 - vals.sum(-1)
+    log_prior = (torch.rand(v, dtype=torch.float64) + 0.05).log()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    q = reconstruct(ids, vals.log(), tail, v, log_prior)
+    dense = (q.exp() * (q - torch.log_softmax(s / 2, -1))).sum(-1)[mask].mean()
+    sparse = sparse_forward_kl(s, ids, vals.log(), tail, 2.0, mask, log_prior=log_prior)
+    assert abs(dense.item() - sparse.item()) < 1e-10
+    g1 = torch.autograd.grad(dense, s)[0]
+    g2 = torch.autograd.grad(sparse, s)[0]
+    assert torch.allclose(g1, g2, atol=1e-12)
+    # a flat prior gives the even-tail reconstruction; Hinton KD passes the prior through
+    flat = torch.zeros(v, dtype=torch.float64)
+    qf = reconstruct(ids, vals.log(), tail, v)
+    even = (qf.exp() * (qf - torch.log_softmax(s, -1))).sum(-1).mean()
+    assert (
+        abs(sparse_forward_kl(s, ids, vals.log(), tail, log_prior=flat).item() - even.item()) < 1e-6
+    )
+    hk = sparse_hinton_kd(s, ids, vals.log(), tail, None, 2.0, 0.9, mask, log_prior=log_prior)
+    assert abs(hk.item() - 4.0 * sparse.item()) < 1e-10

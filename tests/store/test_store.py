@@ -146,3 +146,68 @@ def test_rerun_after_a_kill_between_manifest_and_shards_finishes_identically(tmp
     assert {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())} == want
     assert (out / "manifest.json").read_bytes() == (ref.path / "manifest.json").read_bytes()
     assert sorted(store.ids.tolist()) == sorted(ids.tolist())
+
+
+def _skewed_lm_setup():
+    torch.manual_seed(0)
+    lm = TinyLM()
+    with torch.no_grad():  # a Zipf-like output bias: the tail is far from uniform
+        lm.out.bias.copy_(-torch.log1p(torch.arange(300.0)))
+    x = torch.randint(0, 300, (12, 9))
+    mask = torch.ones(12, 9, dtype=torch.bool)
+    mask[::3, 5:] = False
+    return lm, x, torch.arange(12), mask
+
+
+def test_tail_prior_is_the_mean_tail_and_beats_a_uniform_tail(tmp_path):
+    from darkknowledge.losses import reconstruct
+
+    lm, x, ids, mask = _skewed_lm_setup()
+    spec = LabelSpec(signal="topk", k=8, dtype="fp16", shard_size=5, batch_size=4)
+    store = label(ModuleTeacher(lm), x, ids, tmp_path / "lm", spec, mask=mask, progress=False)
+    assert store.manifest["fingerprint"]["tail_prior"] is True  # on by default for tokens
+    assert not list((store.path / "shards").glob("tailsum-*"))  # folded into the prior
+    prior = store.tail_log_prior
+    with torch.no_grad():
+        p = F.softmax(lm(x), -1)[mask]  # (positions, V)
+    _, top = p.topk(8, -1)
+    want = p.scatter(-1, top, 0.0).sum(0)
+    want = want / want.sum()
+    assert torch.allclose(prior.exp(), want.float(), rtol=5e-3, atol=1e-6)  # fp16 logs
+    sig = store.get(ids)
+    assert sig.tail_log_prior is prior
+    kl = {}
+    for name, lp in (("uniform", None), ("prior", prior)):
+        q = reconstruct(sig.topk_ids, sig.topk_logprobs, sig.tail_mass, 300, lp)[mask]
+        kl[name] = (p * (p.log() - q)).sum(-1).mean().item()
+    assert kl["prior"] < 0.5 * kl["uniform"]
+    # classification stores keep no prior unless asked
+    teacher, cx, cids = clf_setup()
+    clf = label(teacher, cx, cids, tmp_path / "clf", LabelSpec(k=3), progress=False)
+    assert clf.tail_log_prior is None and "tail_prior" not in clf.manifest["fingerprint"]
+
+
+def test_tail_prior_store_resumes_byte_identical(tmp_path):
+    lm, x, ids, mask = _skewed_lm_setup()
+    spec = LabelSpec(signal="topk", k=8, shard_size=5, batch_size=4)
+    ref = label(ModuleTeacher(lm), x, ids, tmp_path / "ref", spec, mask=mask, progress=False)
+    out = tmp_path / "s"
+    label(ModuleTeacher(lm), x, ids, out, spec, mask=mask, progress=False)
+    # a run killed after shard 0 and its tail sum, during shard 1 (its tail sum written)
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(m | {"complete": False, "shards": []}))
+    (out / "prior.safetensors").unlink()
+    for p in (out / "shards").iterdir():
+        if p.name != "shard-00000.safetensors":
+            p.unlink()
+    from darkknowledge.store.format import write_shard
+
+    write_shard(out / "shards" / "tailsum-00001.safetensors", {"tail_sum": torch.ones(300)})
+    # shard 0's tail sum is gone too: shard 0 must be recomputed, not trusted without it
+    store = label(ModuleTeacher(lm), x, ids, out, spec, mask=mask, progress=False)
+    for f in ("manifest.json", "prior.safetensors"):
+        assert (out / f).read_bytes() == (ref.path / f).read_bytes()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
+        p.name for p in (ref.path / "shards").iterdir()
+    )
+    assert torch.equal(store.tail_log_prior, ref.tail_log_prior)

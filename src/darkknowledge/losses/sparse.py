@@ -14,6 +14,16 @@ bucketed divergence is ≤ the dense one, with equality when the teacher has no 
 outside the top-k or when K = V − 1 (the tail is one class). The student still gets a
 gradient on every output through its softmax normaliser.
 
+**Tail prior.** A store may also hold one vector ``log_prior (V,)``: how the teacher's
+mass outside its top-k is spread over the other outputs on average (``dk label`` measures
+it while labelling). The teacher is then reconstructed as its top-k plus the tail mass
+spread in proportion to the prior over the outputs outside that position's top-k, and
+``sparse_forward_kl`` / ``sparse_hinton_kd`` compute the exact KL against that full
+distribution (no longer ≤ the dense one: it compares with the reconstruction). This
+tells the student *where* the tail mass goes, which the bucket form leaves free. The
+cost is one ``(..., V) @ (V,)`` product per position. Reverse KL, JSD and TVD keep the
+bucket form.
+
 Shapes: ``student_logits (..., V)``, ``ids (..., K)`` int64, ``logprobs (..., K)``,
 ``tail (...)``, ``mask (...)``. fp32 inside, mean over valid positions, an all-masked
 input gives 0 with finite gradients. ``temperature`` divides the student logits; the
@@ -61,10 +71,51 @@ def sparse_forward_kl(
     tail: Tensor,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    log_prior: Tensor | None = None,
 ) -> Tensor:
-    """KL(p_teacher ‖ p_student) on the top-k + tail buckets (Hinton et al. 2015)."""
+    """KL(p_teacher ‖ p_student) on the top-k + tail buckets (Hinton et al. 2015), or,
+    with ``log_prior``, against the top-k + prior-shaped tail reconstruction."""
+    if log_prior is not None:
+        return masked_mean(
+            _prior_kl(student_logits, ids, logprobs, tail, log_prior, temperature), mask
+        )
     s, t = buckets(student_logits, ids, logprobs, tail, temperature)
     return masked_mean(_kl_per_position(t, s), mask)
+
+
+def _prior_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail: Tensor,
+    log_prior: Tensor,
+    temperature: float,
+) -> Tensor:
+    """Per position KL(q ‖ p_s), q = top-k + tail·π̃ (π̃: the prior restricted to the
+    outputs outside the top-k, renormalised), without building q:
+
+    KL = Σ_K q_k (log q_k − s_k) + τ log τ + τ Σ_{j∉K} π̃_j log π̃_j − τ Σ_{j∉K} π̃_j s_j,
+    where Σ_{j∉K} π_j f_j = Σ_j π_j f_j − Σ_K π_k f_k and π̃ = π / Z, Z = 1 − Σ_K π_k."""
+    s = F.log_softmax(_up(student_logits) / temperature, dim=-1)  # (..., V)
+    ids = ids.long()
+    lp = _up(log_prior).to(s.device)
+    lp = lp - torch.logsumexp(lp, dim=0)  # (V,) normalised
+    pi = lp.exp()
+    # the teacher's K + 1 buckets, renormalised as in `buckets`
+    t_b = torch.cat([_up(logprobs), _up(tail).clamp_min(1e-30).log().unsqueeze(-1)], dim=-1)
+    t_b = t_b - torch.logsumexp(t_b, dim=-1, keepdim=True)
+    t_k, log_tau = t_b[..., :-1], t_b[..., -1]  # (..., K), (...)
+    tau = log_tau.exp()
+    s_k = s.gather(-1, ids)  # (..., K)
+    pi_k, lp_k = pi[ids], lp[ids]  # (..., K)
+    z = (1.0 - pi_k.sum(-1)).clamp_min(1e-12)  # (...) prior mass outside the top-k
+    log_z = z.log()
+    h_all = (pi * lp).sum()  # Σ_j π_j log π_j
+    rest_plogp = h_all - (pi_k * lp_k).sum(-1)  # Σ_{j∉K} π_j log π_j
+    rest_ps = s @ pi - (pi_k * s_k).sum(-1)  # Σ_{j∉K} π_j s_j
+    top = (t_k.exp() * (t_k - s_k)).sum(-1)
+    tail_term = tau * (log_tau + rest_plogp / z - log_z - rest_ps / z)
+    return top + tail_term
 
 
 def sparse_reverse_kl(
@@ -127,26 +178,39 @@ def sparse_hinton_kd(
     temperature: float = 4.0,
     alpha: float = 0.9,
     mask: Tensor | None = None,
+    log_prior: Tensor | None = None,
 ) -> Tensor:
     """Hinton, Vinyals & Dean (2015) against a top-k teacher stored at ``temperature``:
-    α·T²·KL_buckets + (1 − α)·CE(y); only the soft term when ``labels`` is None."""
+    α·T²·KL_buckets + (1 − α)·CE(y); only the soft term when ``labels`` is None.
+    ``log_prior``: KL against the prior-shaped tail instead of the buckets."""
     if temperature <= 0:
         raise ValueError(f"hinton_kd: temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"hinton_kd: alpha must be in [0, 1], got {alpha}")
     soft = temperature**2 * sparse_forward_kl(
-        student_logits, ids, logprobs, tail, temperature, mask
+        student_logits, ids, logprobs, tail, temperature, mask, log_prior
     )
     if labels is None:
         return soft
     return alpha * soft + (1.0 - alpha) * cross_entropy(student_logits, labels, mask)
 
 
-def reconstruct(ids: Tensor, logprobs: Tensor, tail: Tensor, vocab: int) -> Tensor:
+def reconstruct(
+    ids: Tensor, logprobs: Tensor, tail: Tensor, vocab: int, log_prior: Tensor | None = None
+) -> Tensor:
     """A dense distribution ``(..., V)`` (log-probs) from top-k + tail, the tail spread
-    evenly over the V − K other outputs. For measuring what a top-k store loses."""
+    evenly over the V − K other outputs, or in proportion to ``log_prior (V,)`` when
+    given. For measuring what a top-k store loses."""
     k = ids.shape[-1]
-    fill = (_up(tail).clamp_min(1e-30) / max(vocab - k, 1)).log()  # (...)
-    out = fill.unsqueeze(-1).expand(*ids.shape[:-1], vocab).clone()  # (..., V)
-    out.scatter_(-1, ids.long(), _up(logprobs))
+    ids = ids.long()
+    log_tail = _up(tail).clamp_min(1e-30).log()  # (...)
+    if log_prior is None:
+        fill = log_tail - torch.log(torch.tensor(float(max(vocab - k, 1))))
+        out = fill.unsqueeze(-1).expand(*ids.shape[:-1], vocab).clone()  # (..., V)
+    else:
+        lp = _up(log_prior).expand(*ids.shape[:-1], vocab).clone()  # (..., V)
+        lp.scatter_(-1, ids, _NEG * 1e3)
+        lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        out = lp + log_tail.unsqueeze(-1)
+    out.scatter_(-1, ids, _up(logprobs))
     return out - torch.logsumexp(out, dim=-1, keepdim=True)

@@ -50,7 +50,9 @@ class HintonKD:
     def __call__(self, s: Tensor, sig: Signals | None, y: Tensor | None, mask=None):
         t = _teacher("hinton_kd", sig, self.temperature)
         if isinstance(t, tuple):
-            return S.sparse_hinton_kd(s, *t, y, self.temperature, self.alpha, mask)
+            return S.sparse_hinton_kd(
+                s, *t, y, self.temperature, self.alpha, mask, log_prior=sig.tail_log_prior
+            )
         return D.hinton_kd(s, t, y, self.temperature, self.alpha, mask)
 
 
@@ -64,7 +66,7 @@ class ForwardKL:
     def __call__(self, s, sig, y=None, mask=None):
         t = _teacher("forward_kl", sig, self.temperature)
         if isinstance(t, tuple):
-            return S.sparse_forward_kl(s, *t, self.temperature, mask)
+            return S.sparse_forward_kl(s, *t, self.temperature, mask, log_prior=sig.tail_log_prior)
         return D.forward_kl(s, t, self.temperature, mask)
 
 

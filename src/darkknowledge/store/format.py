@@ -39,6 +39,7 @@ from ..errors import DKError
 FORMAT = "darkknowledge.store/v1"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+PRIOR = "prior.safetensors"  # top-k stores: the tail prior, (V,) log-probabilities
 
 # Storage dtypes of the float signals. "q8": log-probabilities quantised to 8 bits
 # (uint8 code c ↦ −c·Q8_STEP nats; 0 … −25.5 nats), top-k only.

@@ -15,6 +15,7 @@ def format_info(info: dict) -> str:
     per = "token" if info["task"] == "sequence" else "example"
     what = (
         f"top-{info['k']} + tail at temperature {info['temperature']:g}"
+        + (" (tail prior)" if info.get("tail_prior") else "")
         if info["signal"] == "topk"
         else "dense logits"
     )

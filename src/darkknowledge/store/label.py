@@ -12,10 +12,11 @@ import math
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -26,6 +27,7 @@ from .format import (
     FLOAT_DTYPES,
     FORMAT,
     MANIFEST,
+    PRIOR,
     SHARDS,
     quantize_q8,
     read_header,
@@ -52,6 +54,9 @@ class LabelSpec:
     shard_size: int = 8192
     batch_size: int = 512
     hidden: tuple[str, ...] = ()
+    # top-k only: also measure the tail prior (how the mass outside the top-k is spread
+    # over the other outputs, averaged over the store). None: on for token sequences.
+    tail_prior: bool | None = None
 
     def __post_init__(self):
         if self.dtype == "auto":
@@ -79,13 +84,16 @@ class LabelSpec:
             )
 
     def fields(self) -> dict:
-        return {
+        out = {
             "signal": self.signal,
             "temperature": self.temperature if self.signal == "topk" else None,
             "k": self.k if self.signal == "topk" else None,
             "dtype": self.dtype,
             "hidden": sorted(self.hidden),
         }
+        if self.tail_prior:  # only present when on: older stores' fingerprints still match
+            out["tail_prior"] = True
+        return out
 
 
 def base_fingerprint(teacher: Teacher, x: Tensor, ids: Tensor) -> dict:
@@ -148,6 +156,10 @@ def label(
         raise DKError("label: the teacher gave no logits")
     vocab = int(probe.shape[-1])
     spec.validate(vocab)
+    if spec.tail_prior and spec.signal != "topk":
+        raise DKError("label.tail_prior applies to top-k signals only")
+    if spec.tail_prior is None:
+        spec = replace(spec, tail_prior=spec.signal == "topk" and task == "sequence")
     fingerprint.update(spec.fields())
     head = {
         "format": FORMAT,
@@ -188,7 +200,12 @@ def label(
     for tmp in [*shard_dir.glob("*.tmp"), *out.glob("*.tmp")]:  # being written at a kill
         tmp.unlink()
 
-    todo = [i for i in range(n_shards) if not _shard_ok(shard_dir / shard_name(i))]
+    todo = [
+        i
+        for i in range(n_shards)
+        if not _shard_ok(shard_dir / shard_name(i))
+        or (spec.tail_prior and not _shard_ok(shard_dir / tailsum_name(i)))
+    ]
     bar = tqdm(
         total=n,
         initial=n - sum(min(spec.shard_size, n - i * spec.shard_size) for i in todo),
@@ -203,13 +220,19 @@ def label(
         for i in todo:
             lo, hi = i * spec.shard_size, min((i + 1) * spec.shard_size, n)
             parts: list[dict[str, Tensor]] = []
+            tail_sum = torch.zeros(vocab, dtype=torch.float64) if spec.tail_prior else None
             for b in range(lo, hi, spec.batch_size):
                 e = min(b + spec.batch_size, hi)
                 captured.clear()
                 sig = teacher.signals(Batch(x[b:e], None, ids[b:e]))
                 parts.append(_encode(sig.logits, spec, vocab, captured))
+                if tail_sum is not None:
+                    m = None if mask is None else mask[b:e]
+                    tail_sum += _tail_sum(sig.logits, parts[-1]["topk_ids"], spec, m)
                 bar.update(e - b)
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            if tail_sum is not None:  # before the shard: a shard implies its tail sum
+                write_shard(shard_dir / tailsum_name(i), {"tail_sum": tail_sum})
             tensors["ids"] = ids[lo:hi].to(torch.int64)
             if mask is not None:
                 tensors["mask"] = mask[lo:hi].to(torch.uint8)
@@ -224,6 +247,17 @@ def label(
             {"file": f.name, "rows": rows, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
         )
     positions = int(mask.sum()) if mask is not None else n
+    prior = {}
+    if spec.tail_prior:
+        total = torch.zeros(vocab, dtype=torch.float64)
+        for i in range(n_shards):  # in shard order: the same sum after any resume
+            total += load_file(str(shard_dir / tailsum_name(i)))["tail_sum"]
+        pri = (total / total.sum().clamp_min(1e-300)).clamp_min(1e-20)
+        f = out / PRIOR
+        write_shard(f, {"tail_log_prior": pri.log().to(torch.float16)})
+        prior = {
+            "tail_prior": {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        }
     hidden_dims = {}
     if spec.hidden:
         header, _ = read_header(shard_dir / shard_name(0))
@@ -237,8 +271,11 @@ def label(
             "hidden": hidden_dims,
             "shards": shards,
             "spec": asdict(spec) | {"hidden": list(spec.hidden)},
+            **prior,
         },
     )
+    for i in range(n_shards):  # folded into the prior; the finished store no longer needs them
+        (shard_dir / tailsum_name(i)).unlink(missing_ok=True)
     return SignalStore(out)
 
 
@@ -252,6 +289,23 @@ def _shard_ok(path: Path) -> bool:
         path.unlink()
         return False
     return True
+
+
+def tailsum_name(i: int) -> str:
+    return f"tailsum-{i:05d}.safetensors"
+
+
+def _tail_sum(logits: Tensor, topk_ids: Tensor, spec: LabelSpec, mask: Tensor | None) -> Tensor:
+    """Σ over valid positions of the teacher's probabilities outside each position's
+    top-k, ``(V,)`` float64: the tail prior before normalisation."""
+    z = logits.float()
+    if spec.temperature != 1.0:
+        z = z / spec.temperature
+    p = torch.softmax(z, dim=-1)  # (B, [T,] V)
+    p.scatter_(-1, topk_ids.long(), 0.0)
+    if mask is not None:
+        p = p[mask.bool()]
+    return p.reshape(-1, p.shape[-1]).sum(0, dtype=torch.float64)
 
 
 def _encode(logits: Tensor | None, spec: LabelSpec, vocab: int, hidden: dict) -> dict:

@@ -75,6 +75,12 @@ class SignalStore:
                 f"{self.path}: shards hold {len(self.ids)} rows, manifest says {m['num_examples']}"
             )
         self._sorted, self._order = torch.sort(self.ids)
+        self.tail_log_prior: Tensor | None = None
+        if m.get("tail_prior"):
+            f = self.path / m["tail_prior"]["file"]
+            if not f.exists() or f.stat().st_size != m["tail_prior"]["bytes"]:
+                raise DKError(f"{f}: the store's tail prior is missing or damaged; relabel it")
+            self.tail_log_prior = to_torch(map_shard(f)["tail_log_prior"]).float()  # (V,)
         self._tables: dict[str, Tensor] | None = None
         if self.nbytes <= preload_bytes:
             self._tables = {
@@ -88,7 +94,9 @@ class SignalStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(s["bytes"] for s in self.manifest["shards"])
+        """Bytes on disk: the shards plus the tail prior, if any."""
+        prior = self.manifest.get("tail_prior") or {}
+        return sum(s["bytes"] for s in self.manifest["shards"]) + prior.get("bytes", 0)
 
     @property
     def num_positions(self) -> int:
@@ -137,6 +145,7 @@ class SignalStore:
             lp = self._gather("topk_logprobs", rows)
             sig.topk_logprobs = dequantize_q8(lp) if self.dtype == "q8" else lp.float()
             sig.tail_mass = self._gather("tail_mass", rows).float()  # (B, [T])
+            sig.tail_log_prior = self.tail_log_prior
         if "mask" in self.fields:
             sig.mask = self._gather("mask", rows).bool()  # (B, T)
         for f in self.fields:
@@ -158,6 +167,7 @@ class SignalStore:
             "k": self.k,
             "dtype": self.dtype,
             "temperature": self.temperature,
+            "tail_prior": self.tail_log_prior is not None,
             "hidden": m.get("hidden", {}),
             "shards": len(m["shards"]),
             "bytes": self.nbytes,
