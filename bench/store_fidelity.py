@@ -68,19 +68,29 @@ def main():
                       progress=False)  # fmt: skip
         label_s = time.perf_counter() - t0
         sig = store.get(ids)
+        kl_even = None
         if signal == "dense":
             q_log = F.log_softmax(sig.logits, -1)
             tail = torch.zeros(())
         else:
-            q_log = reconstruct(sig.topk_ids, sig.topk_logprobs, sig.tail_mass, dense.shape[-1])
+            args = (sig.topk_ids, sig.topk_logprobs, sig.tail_mass, dense.shape[-1])
+            q_log = reconstruct(*args, sig.tail_log_prior)  # the store's reconstruction
+            q_even = reconstruct(*args)  # the tail spread evenly (no prior)
+            kl_even = float((p_log.exp() * (p_log - q_even)).sum(-1).mean())
+            del q_even
             tail = sig.tail_mass
         kl = (p_log.exp() * (p_log - q_log)).sum(-1)  # (N, T)
+        prior_bytes = (store.manifest.get("tail_prior") or {}).get("bytes", 0)
         row = {
             "signal": signal,
             "k": k,
             "dtype": dtype,
             "bytes_per_token": store.nbytes / store.num_positions,
+            # the prior is one (V,) fp16 vector per store: per token it shrinks with the store
+            "prior_bytes": prior_bytes,
+            "bytes_per_token_without_prior": (store.nbytes - prior_bytes) / store.num_positions,
             "mean_kl_nats_per_token": float(kl.mean()),
+            "mean_kl_even_tail": kl_even,
             "median_kl": float(kl.median()),
             "mean_tail_mass": float(tail.float().mean()),
             "label_s": label_s,
@@ -111,7 +121,11 @@ def plot(res: dict, path: Path) -> None:
     for dt, mk in (("fp16", "o-"), ("q8", "s-")):
         rs = [r for r in res["rows"] if r["signal"] == "topk" and r["dtype"] == dt]
         ax.plot([r["bytes_per_token"] for r in rs], [r["mean_kl_nats_per_token"] for r in rs], mk,
-                label=f"top-k + tail, {dt}")  # fmt: skip
+                label=f"top-k + prior-shaped tail, {dt}")  # fmt: skip
+        if dt == "q8":
+            ax.plot([r["bytes_per_token_without_prior"] for r in rs],
+                    [r["mean_kl_even_tail"] for r in rs], "x:", color="gray",
+                    label="top-k + even tail, q8 (no prior)")  # fmt: skip
         for r in rs:
             ax.annotate(
                 f"k={r['k']}", (r["bytes_per_token"], r["mean_kl_nats_per_token"]), fontsize=7

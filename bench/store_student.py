@@ -33,6 +33,9 @@ from lm_teacher import CONFIG
 from store_fidelity import load_teacher
 
 CACHE = lm.ROOT / "bench" / ".cache" / "student"
+# topk: the default store (k = 64, q8, tail prior) with its prior-shaped tail KL;
+# topk_even: the same store with the bucket loss (no prior), the earlier default
+ARMS = ("dense", "topk", "topk_even", "plain")
 STUDENT = {"d": 64, "layers": 2, "heads": 4, "ctx": 64}
 
 
@@ -77,7 +80,8 @@ def main():
         stores[name] = StoreTeacher(st)
         print(name, st.nbytes / st.num_positions, "bytes/token", flush=True)
     runs = []
-    for arm in ("dense", "topk", "plain"):
+    stores["topk_even"] = stores["topk"]
+    for arm in ARMS:
         for seed in a.seeds:
             torch.manual_seed(seed)
             student = lm.GPT(**STUDENT)
@@ -89,8 +93,10 @@ def main():
             else:
                 stack, st = LossStack.of(ForwardKL(1.0)), stores[arm]
 
-                def loss_fn(logits, rows, stack=stack, st=st):
+                def loss_fn(logits, rows, stack=stack, st=st, even=arm == "topk_even"):
                     sig = st.signals(Batch(x[rows], None, ids[rows]))  # (B, T, ·)
+                    if even:  # the bucket loss: tail mass only, not where it goes
+                        sig.tail_log_prior = None
                     return stack(logits, sig, None, sig.mask)[0]
 
             t0 = time.perf_counter()
@@ -100,7 +106,7 @@ def main():
             runs.append(rec)
             print(json.dumps(rec), flush=True)
     summary = {}
-    for arm in ("dense", "topk", "plain"):
+    for arm in ARMS:
         rs = [r for r in runs if r["arm"] == arm]
         summary[arm] = {
             m: {"mean": statistics.mean(r[m] for r in rs), "sd": statistics.stdev(r[m] for r in rs)}
@@ -117,6 +123,7 @@ def main():
                 "dtype": s.store.dtype,
             }
             for n, s in stores.items()
+            if n != "topk_even"
         },
         "student": STUDENT,
         "steps": a.steps,

@@ -225,10 +225,10 @@ def label(
                 e = min(b + spec.batch_size, hi)
                 captured.clear()
                 sig = teacher.signals(Batch(x[b:e], None, ids[b:e]))
-                parts.append(_encode(sig.logits, spec, vocab, captured))
+                m = None if mask is None else mask[b:e]
+                parts.append(_encode(sig.logits, spec, vocab, captured, m))
                 if tail_sum is not None:
-                    m = None if mask is None else mask[b:e]
-                    tail_sum += _tail_sum(sig.logits, parts[-1]["topk_ids"], spec, m)
+                    tail_sum += parts[-1].pop("tail_sum")
                 bar.update(e - b)
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             if tail_sum is not None:  # before the shard: a shard implies its tail sum
@@ -295,21 +295,12 @@ def tailsum_name(i: int) -> str:
     return f"tailsum-{i:05d}.safetensors"
 
 
-def _tail_sum(logits: Tensor, topk_ids: Tensor, spec: LabelSpec, mask: Tensor | None) -> Tensor:
-    """Σ over valid positions of the teacher's probabilities outside each position's
-    top-k, ``(V,)`` float64: the tail prior before normalisation."""
-    z = logits.float()
-    if spec.temperature != 1.0:
-        z = z / spec.temperature
-    p = torch.softmax(z, dim=-1)  # (B, [T,] V)
-    p.scatter_(-1, topk_ids.long(), 0.0)
-    if mask is not None:
-        p = p[mask.bool()]
-    return p.reshape(-1, p.shape[-1]).sum(0, dtype=torch.float64)
-
-
-def _encode(logits: Tensor | None, spec: LabelSpec, vocab: int, hidden: dict) -> dict:
-    """Teacher logits ``(B, [T,] V)`` → the tensors one batch adds to a shard."""
+def _encode(
+    logits: Tensor | None, spec: LabelSpec, vocab: int, hidden: dict, mask: Tensor | None = None
+) -> dict:
+    """Teacher logits ``(B, [T,] V)`` → the tensors one batch adds to a shard (and, with
+    a tail prior, ``tail_sum (V,)``: Σ over valid positions of the probabilities outside
+    each position's top-k, float64, which the caller takes out)."""
     if logits is None or logits.shape[-1] != vocab:
         raise DKError("label: the teacher's output size changed between batches")
     out: dict[str, Tensor] = {}
@@ -319,10 +310,22 @@ def _encode(logits: Tensor | None, spec: LabelSpec, vocab: int, hidden: dict) ->
         z = logits.float()
         if spec.temperature != 1.0:
             z = z / spec.temperature
-        # top-k of the logits, normalised by one logsumexp: never builds (B, T, V) log-probs
+        # top-k of the logits; the normaliser from one exp pass shifted by the top-1 value
+        # (so no separate max pass); the same buffer then gives the tail prior's sums
         vals, idx = z.topk(spec.k, dim=-1)  # (B, [T,] K), sorted
-        vals = vals - torch.logsumexp(z, dim=-1, keepdim=True)
+        top = vals[..., :1]
+        e = torch.sub(z, top).exp_()  # (B, [T,] V), ≤ 1
+        s = e.sum(-1, keepdim=True)
+        vals = vals - top - s.log()
         tail = (1.0 - vals.double().exp().sum(-1)).clamp_min(0.0).float()  # (B, [T])
+        if spec.tail_prior:
+            e.scatter_(-1, idx, 0.0)
+            w = s.reciprocal()  # (B, [T,] 1): e·w are the probabilities
+            if mask is not None:
+                w = w * mask.unsqueeze(-1).to(w.dtype)
+            # Σ over positions as one (1, N) @ (N, V) product: far cheaper than a sum
+            out["tail_sum"] = (w.reshape(1, -1) @ e.reshape(-1, vocab)).squeeze(0).double()
+        del e
         out["topk_ids"] = idx.to(torch.uint16 if vocab <= 65536 else torch.int32)
         out["topk_logprobs"] = (
             quantize_q8(vals) if spec.dtype == "q8" else vals.to(FLOAT_DTYPES[spec.dtype])
