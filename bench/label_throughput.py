@@ -8,7 +8,7 @@ store (atomic shards, fsync, manifest with SHA-256 of every shard) to local disk
 
 Teachers: the Fashion-MNIST ensemble of 3 small CNNs from bench/kd_overhead.py
 (dense store, the first 4,096 of its 54,000 transfer images, batch 512) and the small GPT of bench/lm_teacher.py
-(top-32 store, 128 windows × 64 tokens, batch 16).
+(the default top-k store: k = 64, q8, tail prior; 128 windows × 64 tokens, batch 16).
 """
 
 from __future__ import annotations
@@ -58,7 +58,17 @@ def _setup(task: str):
     (x, _y), _ = lm.splits(64)
     x = x[:128]
     mask = torch.ones_like(x, dtype=torch.bool)
-    spec = LabelSpec(signal="topk", k=32, dtype="fp16", batch_size=16, shard_size=64)
+    if task == "lm8x512":
+        # a deeper teacher of the shape of bench/lm_memory.py's pinned setup (8 layers ×
+        # 512, GPT-2 vocabulary), seeded random weights: what is timed does not depend on
+        # them; its layers weigh as much as its output head, unlike the 2 × 96 teacher
+        torch.manual_seed(0)
+        x, mask = x[:64], mask[:64]
+        spec = LabelSpec(signal="topk", k=64, dtype="q8", batch_size=16, shard_size=64)
+        teacher = lm.GPT(d=512, layers=8, heads=8, ctx=64).eval()
+        return ModuleTeacher(teacher), x, torch.arange(len(x)), mask, spec
+    # the default token-level store: top-64, 8-bit log-probs, tail prior
+    spec = LabelSpec(signal="topk", k=64, dtype="q8", batch_size=16, shard_size=64)
     return ModuleTeacher(load_teacher()), x, torch.arange(len(x)), mask, spec
 
 
@@ -115,7 +125,7 @@ def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("measure")
-    m.add_argument("task", choices=["fashion", "lm"])
+    m.add_argument("task", choices=["fashion", "lm", "lm8x512"])
     m.add_argument("mode", choices=["raw", "label"])
     m.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("run")
