@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except DKError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .dist import EchoedError
+
+        if not isinstance(e, EchoedError):  # process 0 already printed it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
@@ -92,6 +95,24 @@ def _family(recipe_path: str) -> str:
 
 
 def _dispatch(args) -> int:
+    from . import dist
+
+    if args.cmd in ("run", "label") and dist.launched():
+        # under accelerate launch / torchrun: one process of several; process 0 prints
+        try:
+            if dist.is_main():
+                return _dispatch_one(args)
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                return _dispatch_one(args)
+        finally:
+            dist.shutdown()
+    return _dispatch_one(args)
+
+
+def _dispatch_one(args) -> int:
     if args.cmd == "validate":
         import yaml
 
