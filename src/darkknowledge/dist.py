@@ -187,8 +187,6 @@ def wrap(model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         return fully_shard(model)
-    if st.world == 1:
-        return model  # one process without FSDP: DDP would only add copies
     ids = [st.device.index] if st.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
