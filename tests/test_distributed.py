@@ -197,3 +197,16 @@ def test_killed_two_process_run_resumes(one_process, tmp_path):
     final = "student/model.safetensors"
     assert _max_diff(tmp_path / "clean" / final, killed / final) <= 1e-4
     assert round(_accuracy(tmp_path / "clean"), 3) == round(_accuracy(killed), 3)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equals_one(one_process, tmp_path):
+    """FSDP2 (fully_shard) over 2 CPU processes: same student as one process."""
+    recipe, one = one_process
+    cmd = _accelerate(2, "run", str(recipe), "--out", str(tmp_path / "fsdp"))
+    cmd.insert(cmd.index("--multi_gpu"), "--use_fsdp")
+    cmd.remove("--multi_gpu")
+    _run(cmd)
+    final = "student/model.safetensors"
+    assert _max_diff(one / final, tmp_path / "fsdp" / final) <= 1e-4
+    assert round(_accuracy(one), 3) == round(_accuracy(tmp_path / "fsdp"), 3)

@@ -199,7 +199,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
             get_model_state_dict,
         )
 
-        return get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        # every process gets the whole weights (cpu_offload would give them to rank 0 only)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() for k, v in full.items()}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
