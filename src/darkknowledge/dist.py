@@ -54,9 +54,15 @@ class DistState:
 
 
 def launched() -> bool:
-    """True when a torch.distributed launcher started this process (torchrun, or
-    ``accelerate launch`` with several processes or FSDP)."""
-    return "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
+    """True when a launcher started this process: torchrun (and ``accelerate launch``
+    with several processes or FSDP, which uses it), or ``accelerate launch`` with one
+    process (no process group then, but its device and mixed precision apply)."""
+    torchrun = "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
+    return torchrun or "ACCELERATE_USE_CPU" in os.environ
+
+
+def _grouped() -> bool:
+    return state().launched and torch.distributed.is_initialized()
 
 
 @cache
@@ -82,7 +88,8 @@ def state() -> DistState:
         local_rank=s.local_process_index,
         device=torch.device(s.device),
         launched=True,
-        fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"),
+        fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+        and torch.distributed.is_initialized(),
         mixed_precision=mp if mp in ("bf16", "fp16") else "no",
     )
 
@@ -92,14 +99,14 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if state().launched:
+    if _grouped():
         torch.distributed.barrier()
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum of ``t`` over processes (a new tensor on ``t``'s device)."""
     st = state()
-    if not st.launched:
+    if not _grouped():
         return t
     buf = t.detach().to(st.device, copy=True)
     torch.distributed.all_reduce(buf)
@@ -107,7 +114,7 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    if not state().launched:
+    if not _grouped():
         return [obj]
     out: list[Any] = [None] * state().world
     torch.distributed.all_gather_object(out, obj)
@@ -116,7 +123,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def broadcast_object(obj: Any) -> Any:
     """Process 0's ``obj`` on every process."""
-    if not state().launched:
+    if not _grouped():
         return obj
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
@@ -130,7 +137,7 @@ def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
     whole run with the same one-line error instead of leaving the others at a barrier.
     """
     st = state()
-    if not st.launched:
+    if not _grouped():
         return fn(*args, **kwargs)
     result, error, other = None, None, None
     if st.is_main:
@@ -151,7 +158,7 @@ def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
 
 def shutdown() -> None:
     """Leave the process group (at the end of a launched command)."""
-    if state().launched and torch.distributed.is_initialized():
+    if _grouped():
         torch.distributed.destroy_process_group()
 
 
@@ -181,8 +188,8 @@ def wrap(model: nn.Module) -> nn.Module:
     sharded in place (its parameters become DTensors); use :func:`full_state_dict`
     to read its weights."""
     st = state()
-    if not st.launched:
-        return model
+    if not _grouped():
+        return model  # one process (accelerate launch without torchrun): no wrapper
     if st.fsdp:
         from torch.distributed.fsdp import fully_shard
 

@@ -317,6 +317,7 @@ def _fit_distributed(
             )
         if step % steps_per_epoch == 0 or step == total:
             rec = {"step": step, "epoch": epoch + 1, "train_loss": run_loss}
+            rec["elapsed_s"] = time.perf_counter() - t0  # steady-state step time (bench)
             if val is not None and len(val) and val.y is not None:
                 with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
                     rec.update(_val_metrics(net, val))  # every process: FSDP needs all
