@@ -230,8 +230,11 @@ def _fit_distributed(
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
         rngs = state.get("torch_rng_ranks") or [state["torch_rng"]]
+        cuda_rngs = state.get("cuda_rng_ranks") or [None] * len(rngs)
         if len(rngs) == st.world:
             torch.set_rng_state(rngs[st.rank])
+            if dev.type == "cuda" and cuda_rngs[st.rank] is not None:
+                torch.cuda.set_rng_state(cuda_rngs[st.rank], dev)
         else:  # another process count: fresh dropout streams (weights etc. are exact)
             torch.manual_seed(cfg.seed + 1_000_003 * (st.rank + 1) + int(state["step"]))
         aug_gen.set_state(state["aug_rng"])
@@ -390,14 +393,17 @@ def _load_train_state(net: nn.Module, opt, msd: dict, osd: dict) -> None:
 def _save_checkpoint_distributed(path: Path, net, opt, sched, aug_gen, step, metrics_bytes):
     """Process 0 writes the checkpoint, with every process's dropout RNG state."""
     msd, osd = _train_state(net, opt)
-    rngs = dist.all_gather_object(torch.get_rng_state())
+    dev = dist.state().device
+    cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None  # GPU dropout
+    rngs = dist.all_gather_object((torch.get_rng_state(), cuda))
     if dist.is_main():
         state = {
             "model": msd,
             "optimizer": osd,
             "scheduler": sched.state_dict() if sched is not None else {},
-            "torch_rng": rngs[0],
-            "torch_rng_ranks": rngs,
+            "torch_rng": rngs[0][0],
+            "torch_rng_ranks": [r[0] for r in rngs],
+            "cuda_rng_ranks": [r[1] for r in rngs],
             "aug_rng": aug_gen.get_state(),
             "step": step,
             "metrics_bytes": metrics_bytes,
