@@ -35,7 +35,9 @@ RECIPE = {
     "loss": {"hinton_kd": {"temperature": 3.0, "alpha": 0.7}},
     "train": {
         "epochs": 3,
-        "batch_size": 30,  # odd-sized slices: 15 + 15, then 8 + 7 micro-batches
+        # 540 examples = 7 × 77 + 1: slices of 39 + 38 (micro-batches 20+19, 19+19), and
+        # the last batch of an epoch leaves process 1 (and a micro-batch) empty
+        "batch_size": 77,
         "lr": 0.01,
         "augment": "jitter",
         "jitter_px": 1,
@@ -147,7 +149,8 @@ def test_grad_accum_equals_one_batch():
     mlp = MLPConfig(name="mlp", hidden=[16])
     out = []
     for accum in (1, 3):
-        cfg = TrainConfig(epochs=2, batch_size=40, lr=0.01, seed=1, grad_accum=accum)
+        # 270 = 4 × 67 + 2: the last batch splits into micro-batches of 1, 1 and 0
+        cfg = TrainConfig(epochs=2, batch_size=67, lr=0.01, seed=1, grad_accum=accum)
         model = seeded_model(mlp, data.train.input_shape, data.train.num_classes, cfg.seed)
         out.append(fit(model, data.train, cfg, LossStack.of(CE())).model.state_dict())
     assert max(float((out[0][k] - out[1][k]).abs().max()) for k in out[0]) <= 1e-5

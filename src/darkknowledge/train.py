@@ -278,14 +278,15 @@ def _fit_distributed(
             y = None if train.y is None else train.y[idx[p]].to(dev)
             mb = Batch(gx[p].to(dev), y, train.ids[idx[p]])
             last = j == len(micro) - 1
-            with _sync(ddp, last), torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
-                if len(p):
-                    total_loss, parts, logits = distill_step(ddp, teacher, mb, loss, dev)
-                    w = len(p) / n_global
-                else:  # an empty slice still joins DDP's gradient all-reduce
-                    total_loss = sum(q.sum() * 0.0 for q in ddp.parameters())
-                    parts, logits, w = {}, None, 0.0
-                (total_loss * (w * st.world)).backward()
+            with _sync(ddp, last):
+                with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
+                    if len(p):
+                        total_loss, parts, logits = distill_step(ddp, teacher, mb, loss, dev)
+                        w = len(p) / n_global
+                    else:  # an empty slice (a short last batch) still joins the all-reduce
+                        total_loss = ddp(mb.x).sum() * 0.0  # (0, V) logits: zero gradients
+                        parts, logits, w = {}, None, 0.0
+                (total_loss * (w * st.world)).backward()  # outside autocast
             stats[0] += float(total_loss.detach()) * w
             if logits is not None and y is not None:
                 stats[1] += float((logits.argmax(-1) == y).sum()) / n_global
