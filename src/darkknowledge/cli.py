@@ -112,6 +112,10 @@ def _dispatch(args) -> int:
     return _dispatch_one(args)
 
 
+def _refuse(message: str):
+    raise DKError(message)
+
+
 def _dispatch_one(args) -> int:
     if args.cmd == "validate":
         import yaml
@@ -128,7 +132,16 @@ def _dispatch_one(args) -> int:
             print(yaml.safe_dump(dumped, sort_keys=False), end="")
         return 0
     if args.cmd == "run" and _family(args.recipe) != "classify":
+        from . import dist
         from .families import load_family_recipe, runner
+
+        if dist.launched() and dist.state().world > 1:
+            fam = _family(args.recipe)
+            dist.on_main(
+                _refuse,
+                f"family {fam!r} runs in one process; launch it without "
+                "accelerate launch / torchrun (multi-process runs: family classify)",
+            )
 
         name, recipe, _ = load_family_recipe(args.recipe, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
