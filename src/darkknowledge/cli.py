@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except DKError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .dist import EchoedError
+
+        if not isinstance(e, EchoedError):  # process 0 already printed it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
@@ -92,6 +95,28 @@ def _family(recipe_path: str) -> str:
 
 
 def _dispatch(args) -> int:
+    from . import dist
+
+    if args.cmd in ("run", "label") and dist.launched():
+        # under accelerate launch / torchrun: one process of several; process 0 prints
+        try:
+            if dist.is_main():
+                return _dispatch_one(args)
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                return _dispatch_one(args)
+        finally:
+            dist.shutdown()
+    return _dispatch_one(args)
+
+
+def _refuse(message: str):
+    raise DKError(message)
+
+
+def _dispatch_one(args) -> int:
     if args.cmd == "validate":
         import yaml
 
@@ -107,7 +132,16 @@ def _dispatch(args) -> int:
             print(yaml.safe_dump(dumped, sort_keys=False), end="")
         return 0
     if args.cmd == "run" and _family(args.recipe) != "classify":
+        from . import dist
         from .families import load_family_recipe, runner
+
+        if dist.launched() and dist.state().world > 1:
+            fam = _family(args.recipe)
+            dist.on_main(
+                _refuse,
+                f"family {fam!r} runs in one process; launch it without "
+                "accelerate launch / torchrun (multi-process runs: family classify)",
+            )
 
         name, recipe, _ = load_family_recipe(args.recipe, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem

@@ -136,6 +136,9 @@ class TrainConfig(Strict):
     augment: Literal["none", "jitter"] = "none"
     jitter_px: Annotated[int, Field(ge=1, le=8)] = 2
     grad_clip: PosFloat | None = None
+    # micro-batches per optimizer step and process: batch_size stays the global batch, its
+    # share on each process is split into grad_accum forward/backward passes
+    grad_accum: PosInt = 1
     seed: int = 0
     checkpoint_every: PosInt | None = None  # steps; None: at the end of every epoch
 

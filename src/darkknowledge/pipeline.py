@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from . import dist
 from .config import LossConfig, MemberConfig, Recipe, StudentConfig, TrainConfig
 from .data import DataSplits, load_data
 from .errors import DKError
@@ -84,10 +85,14 @@ def train_member(member: MemberConfig, data: DataSplits, folder: Path, resume: b
         resume=resume,
         desc=f"teacher {folder.name}",
     )
+    dist.on_main(_save_member, res, member, shape, nc, folder)  # process 0 writes
+    return res.model.eval()
+
+
+def _save_member(res, member: MemberConfig, shape, nc: int, folder: Path) -> None:
     save_model(res.model, member.model, shape, nc, folder)
     (folder / "train.json").write_text(json.dumps({"steps": res.steps, "wall_s": res.wall_s}))
     (folder / CKPT).unlink(missing_ok=True)
-    return res.model.eval()
 
 
 def build_teacher(recipe: Recipe, data: DataSplits, run_dir: Path, resume: bool) -> Teacher | None:
@@ -129,10 +134,14 @@ def train_student(
         "wall_s": res.wall_s,
         "history": res.history,
     }
-    (folder / "train.json").write_text(json.dumps(info))
-    save_model(res.model, model_cfg.model, shape, nc, folder)
-    (folder / CKPT).unlink(missing_ok=True)
+    dist.on_main(_save_student, res.model, info, model_cfg, shape, nc, folder)
     return res.model, info
+
+
+def _save_student(model, info: dict, model_cfg: StudentConfig, shape, nc: int, folder: Path):
+    (folder / "train.json").write_text(json.dumps(info))
+    save_model(model, model_cfg.model, shape, nc, folder)
+    (folder / CKPT).unlink(missing_ok=True)
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
@@ -175,9 +184,8 @@ def run_recipe(
 ) -> RunResult:
     """Run one recipe end to end into ``run_dir``; see the module docstring."""
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, recipe, resume, force)
+    dist.on_main(prepare_run_dir, run_dir, recipe, resume, force)
     data = load_data(recipe.data)
-    shape = data.train.input_shape
     teacher = build_teacher(recipe, data, run_dir, resume)
     is_store = isinstance(teacher, StoreTeacher)
     loss = build_loss(recipe.resolved_loss())
@@ -196,14 +204,8 @@ def run_recipe(
         resume,
         "distil" if teacher else "student",
     )
-    rows: dict[str, dict] = {}
-    teacher_logits = None
-    ev = recipe.eval
-    if teacher is not None and not is_store:  # a store holds no test-set outputs
-        teacher_logits = predict_logits(teacher, data.test)
-        mods = teacher.modules()
-        rows["teacher"] = _row(teacher, teacher_logits, data, mods, None, ev, shape)
-    if ev.plain_baseline and teacher is not None:
+    plain = pinfo = None
+    if recipe.eval.plain_baseline and teacher is not None:
         plain, pinfo = train_student(
             recipe.student,
             data.train,
@@ -215,6 +217,23 @@ def run_recipe(
             resume,
             "plain",
         )
+    # evaluation and the report: process 0 only (the others get its report)
+    report = dist.on_main(_evaluate, recipe, data, teacher, student, info, plain, pinfo, run_dir)
+    return RunResult(run_dir, report, student)
+
+
+def _evaluate(recipe: Recipe, data: DataSplits, teacher, student, info, plain, pinfo, run_dir):
+    """Test-set rows for teacher, plain baseline and student; writes the report."""
+    shape = data.train.input_shape
+    is_store = isinstance(teacher, StoreTeacher)
+    rows: dict[str, dict] = {}
+    teacher_logits = None
+    ev = recipe.eval
+    if teacher is not None and not is_store:  # a store holds no test-set outputs
+        teacher_logits = predict_logits(teacher, data.test)
+        mods = teacher.modules()
+        rows["teacher"] = _row(teacher, teacher_logits, data, mods, None, ev, shape)
+    if plain is not None:
         rows["plain"] = _row(
             plain, predict_logits(plain, data.test), data, [plain], teacher_logits, ev, shape
         ) | {"train": pinfo}
@@ -254,7 +273,7 @@ def run_recipe(
         "rows": rows,
     }
     write_report(report, run_dir)
-    return RunResult(run_dir, report, student)
+    return report
 
 
 def run_seeds(
@@ -281,7 +300,7 @@ def run_seeds(
             recipe, _ = load_recipe(recipe_path, ov)
         reports.append(run_recipe(recipe, out / f"seed_{s}", resume=resume, force=force).report)
     summary = summarize_seeds(reports, seeds)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    dist.on_main((out / "summary.json").write_text, json.dumps(summary, indent=2))
     return summary
 
 

@@ -59,6 +59,23 @@ class Signals:
             tail_log_prior=self.tail_log_prior,
         )
 
+    def to(self, device: torch.device | str) -> Signals:
+        """Every tensor signal moved to ``device``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Signals(
+            logits=move(self.logits),
+            topk_ids=move(self.topk_ids),
+            topk_logprobs=move(self.topk_logprobs),
+            tail_mass=move(self.tail_mass),
+            hidden={k: v.to(device) for k, v in self.hidden.items()},
+            mask=move(self.mask),
+            text=self.text,
+            temperature=self.temperature,
+        )
+
     @staticmethod
     def cat(parts: list[Signals]) -> Signals:
         """Concatenate along the example dimension."""

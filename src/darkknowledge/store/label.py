@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
+from .. import dist
 from ..errors import DKError
 from ..teachers import Batch, Teacher
 from . import fingerprint as fp
@@ -172,47 +173,25 @@ def label(
         "describe": describe or {},
     }
     shard_dir = out / SHARDS
-    if (out / MANIFEST).exists() and not force:
-        old = read_manifest(out)
-        for key in ("fingerprint", "task", "vocab", *layout):
-            if old.get(key) != head[key]:
-                what = (
-                    f"fingerprint field '{fp.first_difference(old[key], head[key])}'"
-                    if key == "fingerprint"
-                    else f"'{key}'"
-                )
-                raise DKError(
-                    f"{out}: holds a store for a different labelling ({what} differs); "
-                    "use --force to replace it or --out for a new store"
-                )
-        if old.get("complete"):
-            return SignalStore(out)
-    elif out.exists() and any(out.iterdir()) and not force:
-        if any((out / SHARDS).glob("*.safetensors")):
-            raise DKError(f"{out}: has shards but no manifest; use --force to relabel")
-    if force and shard_dir.exists():
-        shutil.rmtree(shard_dir)
-        (out / MANIFEST).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MANIFEST).exists():  # first, so shards never exist without a manifest
-        write_json(out / MANIFEST, {**head, "complete": False, "shards": []})
-    shard_dir.mkdir(exist_ok=True)
-    for tmp in [*shard_dir.glob("*.tmp"), *out.glob("*.tmp")]:  # being written at a kill
-        tmp.unlink()
+    # process 0 checks and prepares the folder; under a launcher the others wait for it
+    if dist.on_main(_prepare, out, head, layout, force):
+        return SignalStore(out)  # already complete
 
+    # each process labels its contiguous range of shards (all of them in one process)
     todo = [
         i
-        for i in range(n_shards)
+        for i in dist.shard_range(n_shards)
         if not _shard_ok(shard_dir / shard_name(i))
         or (spec.tail_prior and not _shard_ok(shard_dir / tailsum_name(i)))
     ]
+    mine = sum(min(spec.shard_size, n - i * spec.shard_size) for i in dist.shard_range(n_shards))
     bar = tqdm(
-        total=n,
-        initial=n - sum(min(spec.shard_size, n - i * spec.shard_size) for i in todo),
+        total=mine,
+        initial=mine - sum(min(spec.shard_size, n - i * spec.shard_size) for i in todo),
         desc=f"label {out.name}",
         unit="ex",
         file=sys.stderr,
-        disable=None if progress else True,
+        disable=None if progress and dist.is_main() else True,
         leave=False,
         dynamic_ncols=True,
     )
@@ -238,7 +217,48 @@ def label(
                 tensors["mask"] = mask[lo:hi].to(torch.uint8)
             write_shard(shard_dir / shard_name(i), tensors)
     bar.close()
+    dist.barrier()  # every shard is on disk
+    positions = int(mask.sum()) if mask is not None else n
+    dist.on_main(_finish, out, head, spec, n, n_shards, positions)
+    return SignalStore(out)
 
+
+def _prepare(out: Path, head: dict, layout: dict, force: bool) -> bool:
+    """Check ``out`` against the labelling and make it ready; True if already complete."""
+    shard_dir = out / SHARDS
+    if (out / MANIFEST).exists() and not force:
+        old = read_manifest(out)
+        for key in ("fingerprint", "task", "vocab", *layout):
+            if old.get(key) != head[key]:
+                what = (
+                    f"fingerprint field '{fp.first_difference(old[key], head[key])}'"
+                    if key == "fingerprint"
+                    else f"'{key}'"
+                )
+                raise DKError(
+                    f"{out}: holds a store for a different labelling ({what} differs); "
+                    "use --force to replace it or --out for a new store"
+                )
+        if old.get("complete"):
+            return True
+    elif out.exists() and any(out.iterdir()) and not force:
+        if any((out / SHARDS).glob("*.safetensors")):
+            raise DKError(f"{out}: has shards but no manifest; use --force to relabel")
+    if force and shard_dir.exists():
+        shutil.rmtree(shard_dir)
+        (out / MANIFEST).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).exists():  # first, so shards never exist without a manifest
+        write_json(out / MANIFEST, {**head, "complete": False, "shards": []})
+    shard_dir.mkdir(exist_ok=True)
+    for tmp in [*shard_dir.glob("*.tmp"), *out.glob("*.tmp")]:  # being written at a kill
+        tmp.unlink()
+    return False
+
+
+def _finish(out: Path, head: dict, spec: LabelSpec, n: int, n_shards: int, positions: int):
+    """The complete manifest: every shard's size and SHA-256."""
+    shard_dir = out / SHARDS
     shards = []
     for i in range(n_shards):
         f = shard_dir / shard_name(i)
@@ -246,10 +266,9 @@ def label(
         shards.append(
             {"file": f.name, "rows": rows, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
         )
-    positions = int(mask.sum()) if mask is not None else n
     prior = {}
     if spec.tail_prior:
-        total = torch.zeros(vocab, dtype=torch.float64)
+        total = torch.zeros(head["vocab"], dtype=torch.float64)
         for i in range(n_shards):  # in shard order: the same sum after any resume
             total += load_file(str(shard_dir / tailsum_name(i)))["tail_sum"]
         pri = (total / total.sum().clamp_min(1e-300)).clamp_min(1e-20)
@@ -276,7 +295,6 @@ def label(
     )
     for i in range(n_shards):  # folded into the prior; the finished store no longer needs them
         (shard_dir / tailsum_name(i)).unlink(missing_ok=True)
-    return SignalStore(out)
 
 
 def _shard_ok(path: Path) -> bool:

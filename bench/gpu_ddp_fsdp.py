@@ -1,0 +1,140 @@
+"""Step time and peak GPU memory of a distillation run under DDP and FSDP (one GPU).
+
+Run by ``bench/gpu_ddp_fsdp.sh``, which launches this file once per configuration, each
+in a fresh process group (``torchrun`` for DDP, ``accelerate launch --use_fsdp`` for
+FSDP). Every launch runs the real ``dk run`` pipeline (``run_recipe``) on the Hinton
+MNIST recipe with a wide student, and process 0 appends one JSON record to ``--json``:
+student steps, wall seconds, seconds per step (overall, and over the last epoch alone,
+which leaves out start-up; both include that epoch's validation pass), peak CUDA memory (allocated and
+reserved), test accuracy, the launch configuration and the device.
+
+    bench/gpu_ddp_fsdp.sh              # on a GPU machine: writes docs/results/gpu_ddp_fsdp.json
+    bench/gpu_ddp_fsdp.sh --smoke      # CPU, digits, tiny models: checks the plumbing only
+
+``prepare`` trains the teacher once (so that every measured run distils from the same
+teacher and measures the student phase only); ``measure`` is one configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "hinton2015" / "mlp1200_to_mlp800_mnist.yaml"
+
+# Shortened: 2 teacher epochs, 2 student epochs, a 3×4096 student (~30 M parameters,
+# large enough that the optimizer state shows in the memory figures).
+FULL = [
+    "teacher.train.epochs=2",
+    "student.model.hidden=[4096,4096,4096]",
+    "train.epochs=2",
+    "train.batch_size=512",
+    "eval.plain_baseline=false",
+    "eval.latency=false",
+]
+# CPU smoke test: the digits set and tiny models; numbers mean nothing.
+SMOKE = [
+    "data={name: digits}",
+    "teacher.model.hidden=[32]",
+    "teacher.model.dropout=0.0",
+    "teacher.model.input_dropout=0.0",
+    "teacher.model.max_norm=null",
+    "teacher.train.epochs=1",
+    "teacher.train.augment=none",
+    "student.model.hidden=[64]",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "eval.plain_baseline=false",
+    "eval.latency=false",
+]
+
+
+def _recipe(smoke: bool, extra: list[str]):
+    from darkknowledge.recipe_io import load_recipe
+
+    recipe, _ = load_recipe(RECIPE, [*(SMOKE if smoke else FULL), *extra])
+    return recipe
+
+
+def _last_epoch_step_s(history: list[dict]) -> float | None:
+    if len(history) < 2 or "elapsed_s" not in history[-1]:
+        return None
+    a, b = history[-2], history[-1]
+    return (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["prepare", "measure"])
+    p.add_argument("--name", default="run", help="configuration name in the JSON record")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--teacher", type=Path, help="teacher weights from `prepare`")
+    p.add_argument("--json", type=Path, help="append the record here (measure)")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--mnist", help="folder of the MNIST IDX files (default: the recipe's)")
+    a = p.parse_args()
+
+    import torch
+
+    from darkknowledge import dist
+    from darkknowledge.pipeline import run_recipe
+
+    extra = [f"teacher.checkpoint={a.teacher}"] if a.teacher else []
+    if a.mnist:
+        extra.append(f"data.path={a.mnist}")
+    if a.what == "prepare":  # the teacher only: the student is a 1-step placeholder
+        extra += ["train.max_steps=1"]
+    recipe = _recipe(a.smoke, extra)
+    st = dist.state()
+    cuda = st.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(st.device)
+    t0 = time.perf_counter()
+    res = run_recipe(recipe, a.out, force=True)
+    wall = time.perf_counter() - t0
+    if a.what == "prepare" or not st.is_main:
+        dist.shutdown()
+        return 0
+    train = json.loads((a.out / "student" / "train.json").read_text())
+    rec = {
+        "name": a.name,
+        "device": torch.cuda.get_device_name(st.device) if cuda else "cpu",
+        "processes": st.world,
+        "fsdp": st.fsdp,
+        "mixed_precision": st.mixed_precision,
+        "student_params": res.report["rows"]["student"]["params"],
+        "steps": train["steps"],
+        "student_wall_s": train["wall_s"],
+        "s_per_step": train["wall_s"] / train["steps"],
+        # the last epoch alone: no start-up (process group, first CUDA kernels, caching)
+        "s_per_step_last_epoch": _last_epoch_step_s(train["history"]),
+        "run_wall_s": wall,
+        "peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(st.device) / 2**20
+        if cuda
+        else None,
+        "peak_cuda_reserved_mib": torch.cuda.max_memory_reserved(st.device) / 2**20
+        if cuda
+        else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "test_accuracy": res.report["rows"]["student"]["accuracy"],
+        "torch": torch.__version__,
+        "launch": os.environ.get("DK_BENCH_LAUNCH", ""),
+        "smoke": a.smoke,
+    }
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        records = json.loads(a.json.read_text()) if a.json.exists() else []
+        a.json.write_text(json.dumps([*records, rec], indent=2) + "\n")
+    print(json.dumps(rec))
+    dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

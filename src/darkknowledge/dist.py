@@ -1,0 +1,212 @@
+"""Several processes, one run: the thin seam between darkknowledge and torch.distributed.
+
+``dk run`` and ``dk label`` run unchanged under ``accelerate launch`` or ``torchrun``.
+Accelerate's :class:`~accelerate.PartialState` reads the launcher's environment and sets
+up the process group (gloo on CPU, NCCL on GPUs); the student is wrapped in PyTorch's
+own DDP, or FSDP2 (``fully_shard``) when the launcher asks for FSDP
+(``accelerate launch --use_fsdp``). Without a launcher nothing here touches
+torch.distributed and every helper is a no-op, so a plain ``dk run`` behaves exactly as
+it does without this module.
+
+How the work is split (see docs/distributed.md):
+
+- training: ``train.batch_size`` is the *global* batch of one optimizer step. Every
+  process draws the same permutation, takes its contiguous slice of the global batch
+  (:func:`shard`), and scales its mean loss by ``local count / global count`` so that
+  the gradient DDP averages is the gradient of the global batch's mean loss.
+- labelling: each process writes a contiguous range of shards; process 0 writes the
+  manifest once all are on disk.
+- files (checkpoints, metrics, reports, models) are written by process 0 only
+  (:func:`on_main`); the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DKError
+
+
+class EchoedError(DKError):
+    """Process 0's error, raised again on another process (the CLI prints it once)."""
+
+
+@dataclass(frozen=True)
+class DistState:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    launched: bool = False  # started by a distributed launcher (even with 1 process)
+    fsdp: bool = False
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16", as the launcher says
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """True when a launcher started this process: torchrun (and ``accelerate launch``
+    with several processes or FSDP, which uses it), or ``accelerate launch`` with one
+    process (no process group then, but its device and mixed precision apply)."""
+    torchrun = "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
+    return torchrun or "ACCELERATE_USE_CPU" in os.environ
+
+
+def _grouped() -> bool:
+    return state().launched and torch.distributed.is_initialized()
+
+
+@cache
+def state() -> DistState:
+    """This process's place in the run (computed once; sets up the process group)."""
+    if not launched():
+        return DistState()
+    try:
+        from accelerate import PartialState
+    except ModuleNotFoundError:  # pragma: no cover - accelerate ships with the dist extra
+        raise DKError(
+            "multi-process runs need accelerate: pip install 'darkknowledge[dist]'"
+        ) from None
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
+        "1",
+        "true",
+    )
+    s = PartialState(cpu=cpu)  # cpu: gloo process group; else NCCL, one GPU per process
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return DistState(
+        rank=s.process_index,
+        world=s.num_processes,
+        local_rank=s.local_process_index,
+        device=torch.device(s.device),
+        launched=True,
+        fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+        and torch.distributed.is_initialized(),
+        mixed_precision=mp if mp in ("bf16", "fp16") else "no",
+    )
+
+
+def is_main() -> bool:
+    return state().is_main
+
+
+def barrier() -> None:
+    if _grouped():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of ``t`` over processes (a new tensor on ``t``'s device)."""
+    st = state()
+    if not _grouped():
+        return t
+    buf = t.detach().to(st.device, copy=True)
+    torch.distributed.all_reduce(buf)
+    return buf.to(t.device)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not _grouped():
+        return [obj]
+    out: list[Any] = [None] * state().world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Process 0's ``obj`` on every process."""
+    if not _grouped():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run ``fn`` on process 0 only and hand its result to every process.
+
+    A :class:`DKError` raised there is raised on every process, so bad input stops the
+    whole run with the same one-line error instead of leaving the others at a barrier.
+    """
+    st = state()
+    if not _grouped():
+        return fn(*args, **kwargs)
+    result, error, other = None, None, None
+    if st.is_main:
+        try:
+            result = fn(*args, **kwargs)
+        except DKError as e:
+            error = str(e)
+        except BaseException as e:  # re-raised below, once the others know
+            other = e
+            error = f"process 0 failed: {type(e).__name__}: {e}"
+    result, error = broadcast_object((result, error))
+    if other is not None:
+        raise other
+    if error is not None:
+        raise DKError(error) if st.is_main else EchoedError(error)
+    return result
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a launched command)."""
+    if _grouped():
+        torch.distributed.destroy_process_group()
+
+
+def shard(idx: Tensor) -> Tensor:
+    """This process's contiguous slice of the global batch ``idx (B,)``.
+
+    Slices differ in size by at most one; a process may get an empty slice when
+    B < world size (it then contributes a zero gradient)."""
+    st = state()
+    if st.world == 1:
+        return idx
+    return idx.tensor_split(st.world)[st.rank]
+
+
+def shard_range(n: int) -> range:
+    """This process's contiguous part of ``range(n)`` (work items such as store shards)."""
+    st = state()
+    lo = n * st.rank // st.world
+    hi = n * (st.rank + 1) // st.world
+    return range(lo, hi)
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """The module the training step calls: DDP, FSDP2, or ``model`` itself.
+
+    ``model`` must already be on :func:`state`'s device. With FSDP, ``model`` is
+    sharded in place (its parameters become DTensors); use :func:`full_state_dict`
+    to read its weights."""
+    st = state()
+    if not _grouped():
+        return model  # one process (accelerate launch without torchrun): no wrapper
+    if st.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(model)
+    ids = [st.device.index] if st.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The unsharded weights of ``model`` (whatever :func:`wrap` did to it), on CPU."""
+    if state().fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        # every process gets the whole weights (cpu_offload would give them to rank 0 only)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu() for k, v in full.items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
