@@ -2,7 +2,8 @@
 results page: a store holds no test-set outputs, so ``dk run`` from a store reports no
 teacher row. This loads the teacher that ``dk label`` trained into ``STORE/teacher`` (or a
 ``dk run`` folder's ``teacher/``) and prints its test accuracy, errors and errors by class
-as JSON.
+as JSON; for a store, also how often the stored signals agree with the transfer set's
+labels (what the student is taught).
 
     .venv/bin/python bench/hinton_teacher_eval.py RECIPE STORE_OR_RUN_DIR [OVERRIDES] [--json OUT]
 """
@@ -56,6 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
     row = quality(logits, data.test.y, None, recipe.eval.ece_bins)
     row["params"] = param_count(teacher.modules())
     out = {"recipe": recipe.name, "folder": str(folder), "teacher": row}
+    if (folder / "manifest.json").exists() and data.transfer.y is not None:
+        # What the student is taught: the stored signals against the transfer set's labels.
+        from darkknowledge.store import SignalStore
+
+        lg = SignalStore(folder).get(data.transfer.ids).logits.float()  # (N, V)
+        y = data.transfer.y
+        out["store_on_transfer_set"] = {
+            "accuracy": float((lg.argmax(-1) == y).float().mean()),
+            "errors": int((lg.argmax(-1) != y).sum()),
+            "n": len(y),
+            "mean_prob_true_class": float(lg.softmax(-1)[torch.arange(len(y)), y].mean()),
+        }
     text = json.dumps(out, indent=2)
     if a.json:
         Path(a.json).write_text(text)
