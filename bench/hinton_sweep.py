@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--widths", type=int, nargs="+", default=[30, 300, 800])
     p.add_argument("--alpha", type=float, default=None, help="override loss.hinton_kd.alpha")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--no-plain", action="store_true", help="skip the plain baselines")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--json", help="write the results here")
     p.add_argument("overrides", nargs="*", help="extra key.sub=value overrides")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"student.model.hidden=[{w}, {w}]",
                 f"loss.hinton_kd.temperature={t:g}",
                 f"teacher={{kind: store, path: '{store}'}}",
-                f"eval.plain_baseline={'true' if i == 0 else 'false'}",
+                f"eval.plain_baseline={'true' if i == 0 and not a.no_plain else 'false'}",
             ]
             if a.alpha is not None:
                 ov.append(f"loss.hinton_kd.alpha={a.alpha:g}")
