@@ -90,3 +90,27 @@ def test_demo_distilled_beats_plain_by_two_pooled_sd(tmp_path, capsys, monkeypat
     assert s["seeds"] == [0, 1, 2]
     assert s["gain_points"] > 2 * s["pooled_sd"], s
     assert (tmp_path / "demo" / "report.md").exists()
+
+
+def test_seeds_from_a_store(tmp_path):
+    """`dk run --seeds` with a store teacher: every seed reads the same store (seed 0 used
+    to be fine and seed 1 failed looking for ensemble members to reuse)."""
+    import yaml
+
+    from darkknowledge.pipeline import label_recipe, run_seeds
+
+    tiny = {**TINY, "eval": {"latency": False}, "train": {"epochs": 2, "batch_size": 64}}
+    label_recipe(validate_recipe(tiny), tmp_path / "store")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny))
+    store = f"teacher={{kind: store, path: '{tmp_path / 'store'}'}}"
+    s = run_seeds(recipe, [store], [0, 1], tmp_path / "runs")
+    assert s["seeds"] == [0, 1] and set(s["rows"]) == {"student"}
+    a, b = (
+        json.loads((tmp_path / "runs" / f"seed_{i}" / "report.json").read_text()) for i in (0, 1)
+    )
+    assert a["rows"]["student"]["errors"] == s["rows"]["student"]["errors"][0]
+    assert s["rows"]["student"]["errors"] == [
+        a["rows"]["student"]["errors"],
+        b["rows"]["student"]["errors"],
+    ]

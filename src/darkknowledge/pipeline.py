@@ -306,6 +306,8 @@ def run_seeds(
 
 def _reuse_teacher_overrides(recipe: Recipe, first_dir: Path) -> list[str]:
     tc = recipe.teacher
+    if tc.kind == "store":  # nothing is trained: every seed reads the same store
+        return []
     if tc.kind == "module":
         return (
             []
