@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -128,28 +129,44 @@ class ApiClient:
         self.budget = budget or Budget()
         self.log = log or (lambda msg: None)
         self._rr = 0
-        self._sem: asyncio.Semaphore | None = None
+        self._pool: asyncio.Queue | None = None
         self._http = None
         self.stats = {"requests": 0, "cached": 0, "retries": 0}
 
     async def __aenter__(self):
         import httpx
 
-        self._sem = asyncio.Semaphore(self.concurrency)
         for ep in self.endpoints:
             ep.checking = asyncio.Lock()
         t = self.retry.timeout_s
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(t, connect=min(t, 10.0)),
-            limits=httpx.Limits(
-                max_connections=self.concurrency + 4, max_keepalive_connections=self.concurrency
-            ),
-            headers=self._headers,
-        )
+        # one TLS context for all clients (loading the CA bundle costs ~0.1 s each time)
+        tls: ssl.SSLContext | bool = False
+        if any(ep.url.startswith("https:") for ep in self.endpoints):
+            import certifi
+
+            tls = ssl.create_default_context(cafile=certifi.where())
+
+        def make(conns: int):
+            return httpx.AsyncClient(
+                verify=tls,
+                timeout=httpx.Timeout(t, connect=min(t, 10.0)),
+                limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
+                headers=self._headers,
+            )
+
+        # One small client per concurrency slot (the queue is the concurrency bound):
+        # httpcore's pool scans every connection for every request, which costs more than
+        # the request itself at 32+ connections; per-slot pools keep each scan tiny.
+        self._clients = [make(len(self.endpoints)) for _ in range(self.concurrency)]
+        self._pool = asyncio.Queue()
+        for c in self._clients:
+            self._pool.put_nowait(c)
+        self._http = make(len(self.endpoints) * 2)  # health checks
         return self
 
     async def __aexit__(self, *exc):
-        await self._http.aclose()
+        for c in [*self._clients, self._http]:
+            await c.aclose()
 
     # -- endpoint choice -------------------------------------------------------------
 
@@ -203,13 +220,13 @@ class ApiClient:
 
     # -- one request -----------------------------------------------------------------
 
-    async def _send(self, ep: Endpoint, body: dict) -> dict:
+    async def _send(self, http, ep: Endpoint, body: dict) -> dict:
         import httpx
 
         ep.sent += 1
         self.stats["requests"] += 1
         try:
-            r = await self._http.post(ep.url + self.path, json=body)
+            r = await http.post(ep.url + self.path, json=body)
         except httpx.TimeoutException:
             raise _Transient(f"timed out after {self.retry.timeout_s:g}s") from None
         except httpx.TransportError as e:
@@ -242,41 +259,47 @@ class ApiClient:
             if hit is not None:
                 self.stats["cached"] += 1
                 return hit, True
-        async with self._sem:
-            self.budget.check()
-            last, avoid, t0 = "", None, time.monotonic()
-            for attempt in range(1, self.retry.max_attempts + 1):
-                ep = await self._pick(avoid)
-                if ep.needs_check and not await self._healthy(ep):
-                    last, avoid = f"{ep.url}: not answering (health check failed)", ep
-                    continue
-                try:
-                    data = await self._send(ep, body)
-                except _Transient as e:
-                    last = f"{ep.url}: {e.reason}"
-                    if attempt == self.retry.max_attempts:
-                        break
-                    self.stats["retries"] += 1
-                    if e.retry_after is not None or not e.bench:
-                        wait = min(
-                            self.retry.max_retry_after_s,
-                            e.retry_after if e.retry_after is not None else self._backoff(attempt),
-                        )
-                        self._bench(ep, e.reason, wait=wait)
-                    else:
-                        self._bench(ep, e.reason)
-                    avoid = ep
-                    continue
-                ep.fails = 0
-                ep.answered += 1
-                if self.cache is not None:
-                    self.cache.put(key, data)  # first, before anything can fail
-                self.budget.add(data.get("usage"))
-                return data, False
-            raise TeacherUnavailable(
-                f"teacher unreachable: {self.retry.max_attempts} attempts over "
-                f"{time.monotonic() - t0:.1f}s failed (last: {last})"
-            )
+        http = await self._pool.get()
+        try:
+            return await self._attempts(http, key, body)
+        finally:
+            self._pool.put_nowait(http)
+
+    async def _attempts(self, http, key: str, body: dict) -> tuple[dict, bool]:
+        self.budget.check()
+        last, avoid, t0 = "", None, time.monotonic()
+        for attempt in range(1, self.retry.max_attempts + 1):
+            ep = await self._pick(avoid)
+            if ep.needs_check and not await self._healthy(ep):
+                last, avoid = f"{ep.url}: not answering (health check failed)", ep
+                continue
+            try:
+                data = await self._send(http, ep, body)
+            except _Transient as e:
+                last = f"{ep.url}: {e.reason}"
+                if attempt == self.retry.max_attempts:
+                    break
+                self.stats["retries"] += 1
+                if e.retry_after is not None or not e.bench:
+                    wait = min(
+                        self.retry.max_retry_after_s,
+                        e.retry_after if e.retry_after is not None else self._backoff(attempt),
+                    )
+                    self._bench(ep, e.reason, wait=wait)
+                else:
+                    self._bench(ep, e.reason)
+                avoid = ep
+                continue
+            ep.fails = 0
+            ep.answered += 1
+            if self.cache is not None:
+                self.cache.put(key, data)  # first, before anything can fail
+            self.budget.add(data.get("usage"))
+            return data, False
+        raise TeacherUnavailable(
+            f"teacher unreachable: {self.retry.max_attempts} attempts over "
+            f"{time.monotonic() - t0:.1f}s failed (last: {last})"
+        )
 
 
 __all__ = [

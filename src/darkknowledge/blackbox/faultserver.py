@@ -144,6 +144,9 @@ def make_handler(st: _State):
 
 
 class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # the listen backlog (the default 5 drops bursts of connects)
+    daemon_threads = True
+
     def handle_error(self, request, client_address):
         # a client that went away (killed, timed out) is part of the tests: no traceback
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
@@ -164,8 +167,6 @@ def serve(
 ):
     st = _State(faults, latency, capacity, log, hang_s, retry_after, model, die_after)
     srv = _Server(("127.0.0.1", port), make_handler(st))
-    srv.daemon_threads = True
-    srv.request_queue_size = 256
     if ready is not None:
         ready(srv.server_address[1])
     try:

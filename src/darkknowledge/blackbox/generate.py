@@ -259,9 +259,21 @@ def run_generate(
     writer = _Appender(out / RESULTS)
     t0 = time.monotonic()
     new_rows: list[dict] = []
+    timing: dict = {}
     try:
         stopped = asyncio.run(
-            _loop(rec, client, todo, model, verify, writer, new_rows, teacher_meta, sampling_meta)
+            _loop(
+                rec,
+                client,
+                todo,
+                model,
+                verify,
+                writer,
+                new_rows,
+                teacher_meta,
+                sampling_meta,
+                timing,
+            )
         )
     finally:
         writer.close()
@@ -286,6 +298,7 @@ def run_generate(
         "this_run": {
             "prompts": len(new_rows),
             "seconds": round(elapsed, 3),
+            "loop_seconds": round(timing.get("loop_seconds", 0.0), 3),  # without set-up
             "http_requests": client.stats["requests"],
             "cached_answers": client.stats["cached"],
             "retries": client.stats["retries"],
@@ -319,7 +332,9 @@ def run_generate(
     )
 
 
-async def _loop(rec, client, todo, model, verify, writer, new_rows, teacher_meta, sampling_meta):
+async def _loop(
+    rec, client, todo, model, verify, writer, new_rows, teacher_meta, sampling_meta, timing
+):
     """Workers take prompts from a queue. On a fatal error or a spent budget no new prompt
     is started; the requests in flight finish (so nothing answered is thrown away)."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -369,6 +384,8 @@ async def _loop(rec, client, todo, model, verify, writer, new_rows, teacher_meta
             new_rows.append(row)
 
     async with client:
+        t = time.monotonic()
         n = min(rec.client.concurrency, max(1, len(todo)))
         await asyncio.gather(*(worker() for _ in range(n)))
+        timing["loop_seconds"] = time.monotonic() - t
     return stop[0] if stop else None

@@ -62,9 +62,13 @@ def train_sft(
     seed: int = 0,
     max_len: int = 256,
     log: Callable[[int, float], None] | None = None,
+    check: Callable[[int], bool] | None = None,
+    check_every: int = 200,
 ) -> list[float]:
     """AdamW with linear warmup and cosine decay over ``steps`` minibatches drawn (seeded)
-    from ``pairs``. Returns the loss per step."""
+    from ``pairs``. With ``check``, the rate stays constant after warmup and training stops
+    early when ``check(step)`` (called every ``check_every`` steps) returns True. Returns
+    the loss per step."""
     if not pairs:
         raise DKError(
             "no training rows: the SFT file is empty (did the verifier reject everything?)"
@@ -77,6 +81,8 @@ def train_sft(
     def lr_at(s: int) -> float:
         if s < warmup:
             return (s + 1) / warmup
+        if check is not None:
+            return 1.0
         return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
@@ -99,6 +105,12 @@ def train_sft(
         losses.append(loss.item())
         if log and (step % 100 == 0 or step == steps - 1):
             log(step, loss.item())
+        if check is not None and (step + 1) % check_every == 0:
+            model.eval()
+            stop = check(step + 1)
+            model.train()
+            if stop:
+                break
     model.eval()
     return losses
 
