@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx as _httpx
 import pytest
@@ -15,6 +16,8 @@ from darkknowledge.blackbox.serve import Generator, create_app, load_generator
 from darkknowledge.blackbox.synthetic import problems, prompt_of
 from darkknowledge.cli import main
 from darkknowledge.hf.io import build_tiny, char_tokenizer, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class httpx:  # a patient client: the CPU is shared
@@ -35,6 +38,7 @@ def teacher_dir(tmp_path_factory):
         seed=0,
         vocab_size=len(tok),
         n_embd=32,
+        n_positions=1024,
         n_layer=1,
         n_head=2,
     )
@@ -108,15 +112,15 @@ def test_stop_and_length(served):
     assert isinstance(gen, Generator)
     r = httpx.post(
         url + "/completions",
-        json={"prompt": "Q:", "max_tokens": 40, "temperature": 1.0, "seed": 1, "n": 4},
+        json={"prompt": "Q:", "max_tokens": 16, "temperature": 1.0, "seed": 1, "n": 4},
     ).json()
-    assert r["usage"]["completion_tokens"] <= 4 * 40
+    assert r["usage"]["completion_tokens"] <= 4 * 16
     assert all(c["finish_reason"] in ("stop", "length") for c in r["choices"])
     s = httpx.post(
         url + "/completions",
         json={
             "prompt": "Q:",
-            "max_tokens": 40,
+            "max_tokens": 16,
             "temperature": 1.0,
             "seed": 1,
             "n": 4,
@@ -134,8 +138,9 @@ def test_generate_against_served_teacher(served, tmp_path):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rec = {
         "prompts": {"path": str(prompts), "template": "Q: {question}\nA:"},
-        "teacher": {"base_url": url, "model": "tiny", "api": "completions"},
-        "sampling": {"n": 3, "max_tokens": 20, "temperature": 1.0, "seed": 0},
+        "teacher": {"base_url": url, "model": "tiny", "api": "completions", "max_top_logprobs": 5},
+        # above the server's cap of 5: clamped to it instead of failing every request
+        "sampling": {"n": 3, "max_tokens": 20, "temperature": 1.0, "seed": 0, "top_logprobs": 8},
         "select": {"keep": "all"},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
@@ -143,8 +148,32 @@ def test_generate_against_served_teacher(served, tmp_path):
     sft = (tmp_path / "o" / "sft.jsonl").read_text().splitlines()
     assert len(sft) == 18  # keep: all
     assert json.loads(sft[0])["verdict"]["verifier"] == "gsm8k"
+    row = json.loads((tmp_path / "o" / "results.jsonl").read_text().splitlines()[0])
+    lp = row["samples"][0]["logprobs"]  # captured with the answer
+    assert "".join(lp["tokens"]) == row["samples"][0]["text"]
+    assert all(len(t) == 5 for t in lp["top_logprobs"])
 
 
 def test_missing_model_dir(tmp_path, capsys):
     assert main(["serve-teacher", str(tmp_path / "nope")]) == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+def test_gsm8k_recipe_runs_with_a_tiny_model(served, tmp_path):
+    """The shipped GSM8K recipe, pointed at a tiny served model: it runs end to end on the
+    real data (the tiny model is never right, so every sample is rejected)."""
+    url, _ = served
+    recipe = ROOT / "recipes" / "blackbox" / "gsm8k_generate.yaml"
+    over = [
+        f"teacher.base_url={url}",
+        "teacher.model=tiny",
+        "prompts.limit=3",
+        "sampling.max_tokens=8",
+    ]
+    out = tmp_path / "g"
+    assert main(["run", str(recipe), "--out", str(out), *over]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["done"] == 3 and s["samples"] == 12 and s["rejection_rate"] == 1.0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["prompt"].startswith("Natalia sold clips")  # GSM8K train row 0
+    assert rows[0]["samples"][0]["verdict"]["expected"] == "72"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -196,8 +195,6 @@ def _check_same_run(out: Path, rec: GenerateRecipe, force: bool) -> None:
     if force and out.exists():
         for name in (RESULTS, SFT, SUMMARY, RECIPE):
             (out / name).unlink(missing_ok=True)
-        if rec.store is not None:
-            shutil.rmtree(rec.store.path, ignore_errors=True)
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("key") != key:
@@ -223,6 +220,7 @@ def run_generate(
     """Run (or continue) a generation; returns the summary text. Raises DKError (one
     line) when the teacher stays down, rejects requests, or the budget is spent."""
     out = Path(out)
+    base_dir = base_dir or rec._base_dir
     urls = rec.teacher.urls()
     model = rec.teacher.model_name()
     if rec.sampling.top_logprobs > rec.teacher.max_top_logprobs:
@@ -310,10 +308,6 @@ def run_generate(
         },
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-    if rec.store is not None and ordered:
-        from .logprobs import write_logprob_store
-
-        write_logprob_store(ordered, rec, resolve_path(rec.store.path, None))
     where = f"{len(ordered)}/{len(prompts)} prompts saved in {out / RESULTS}"
     if stopped is not None:
         kind, msg = stopped
@@ -389,3 +383,12 @@ async def _loop(
         await asyncio.gather(*(worker() for _ in range(n)))
         timing["loop_seconds"] = time.monotonic() - t
     return stop[0] if stop else None
+
+
+def run_generate_family(
+    rec: GenerateRecipe, out: Path, *, resume: bool, force: bool, seeds=None
+) -> str:
+    """``dk run`` for ``family: generate`` recipes (always resumable; ``seeds`` unused)."""
+    if seeds is not None:
+        raise DKError("--seeds: a generation has one sampling seed (sampling.seed)")
+    return run_generate(rec, out, force=force)

@@ -6,7 +6,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import DKError
 
@@ -113,12 +123,6 @@ class BudgetCfg(_M):
     price_output_per_m: float = Field(0.0, ge=0.0)
 
 
-class StoreCfg(_M):
-    """Write the captured top-k log-probs as a signal store (needs sampling.top_logprobs)."""
-
-    path: str
-
-
 class GenerateRecipe(_M):
     prompts: PromptsCfg
     teacher: TeacherCfg = Field(default_factory=TeacherCfg)
@@ -128,7 +132,13 @@ class GenerateRecipe(_M):
     client: ClientCfg = Field(default_factory=ClientCfg)
     budget: BudgetCfg = Field(default_factory=BudgetCfg)
     cache: str | None = None  # default: OUT/cache.jsonl
-    store: StoreCfg | None = None
+    _base_dir: Path | None = PrivateAttr(None)  # the recipe file's folder, for relative paths
+
+    @model_validator(mode="after")
+    def _remember_base(self, info: ValidationInfo):
+        base = (info.context or {}).get("base_dir") if info.context else None
+        self._base_dir = Path(base) if base else None
+        return self
 
     @field_validator("cache")
     @classmethod
@@ -149,9 +159,11 @@ def load_generate_recipe(
 
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides or [])
-    data.pop("family", None)
+    fam = data.pop("family", "generate")
+    if fam != "generate":
+        raise DKError(f"{path}: family {fam!r}: dk generate takes 'family: generate' recipes")
     try:
-        rec = GenerateRecipe.model_validate(data)
+        rec = GenerateRecipe.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as e:
         raise DKError(format_validation_error(e, data, str(path))) from None
     return rec, path.resolve().parent
