@@ -170,3 +170,17 @@ def test_bad_recipe_one_line(tmp_path, capsys):
     assert "teacher.base_url" in capsys.readouterr().err
     assert main(["generate", str(rec), "--out", str(tmp_path / "o"), "sampling.n=0"]) == 2
     assert "sampling.n" in capsys.readouterr().err
+
+
+def test_api_key_is_sent_but_never_written(tmp_path, server_factory, monkeypatch):
+    secret = "sk-test-do-not-store-0123456789"
+    monkeypatch.setenv("DK_TEACHER_API_KEY", secret)
+    srv = server_factory(faults="500")
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "out"
+    rec = _recipe(tmp_path, prompts, [srv.url])
+    assert main(["generate", str(rec), "--out", str(out), "-v"]) == 0
+    assert all(a["auth"] for a in srv.answered())
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert secret not in f.read_text(errors="replace"), f

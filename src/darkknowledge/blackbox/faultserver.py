@@ -135,7 +135,13 @@ def make_handler(st: _State):
                 },
             }
             st.answer(
-                lambda: self._json(200, out), {"prompt": prompt, "n": k, "seed": body.get("seed")}
+                lambda: self._json(200, out),
+                {
+                    "prompt": prompt,
+                    "n": k,
+                    "seed": body.get("seed"),
+                    "auth": "Authorization" in self.headers,  # whether a key came, not the key
+                },
             )
             self.close_connection = st.dying or self.close_connection
             return None
