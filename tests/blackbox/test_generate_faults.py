@@ -184,3 +184,15 @@ def test_api_key_is_sent_but_never_written(tmp_path, server_factory, monkeypatch
     for f in out.rglob("*"):
         if f.is_file():
             assert secret not in f.read_text(errors="replace"), f
+
+
+def test_extend_with_a_larger_limit_but_refuse_another_recipe(tmp_path, server_factory, capsys):
+    srv = server_factory()
+    prompts = write_prompts(tmp_path / "p.jsonl", 10)
+    rec, out = str(_recipe(tmp_path, prompts, [srv.url])), str(tmp_path / "out")
+    assert main(["generate", rec, "--out", out, "prompts.limit=4"]) == 0
+    assert main(["generate", rec, "--out", out]) == 0
+    _once(Path(out), 10)
+    assert len(srv.answered()) == 10
+    assert main(["generate", rec, "--out", out, "sampling.n=3"]) == 2
+    assert "different recipe" in capsys.readouterr().err

@@ -188,7 +188,10 @@ def _check_same_run(out: Path, rec: GenerateRecipe, force: bool) -> None:
     """A rerun must be the same recipe (apart from client/budget settings)."""
     path = out / RECIPE
     now = rec.public_dump()
-    key = {k: now[k] for k in ("prompts", "sampling", "verifier")} | {
+    # prompts.limit/offset may change: a rerun with a larger limit extends the same run
+    prompts = {k: v for k, v in now["prompts"].items() if k not in ("limit", "offset")}
+    key = {k: now[k] for k in ("sampling", "verifier")} | {
+        "prompts": prompts,
         "model": rec.teacher.model_name(),
         "api": rec.teacher.api,
     }
