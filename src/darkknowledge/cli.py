@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     from .service.cli import add_serve_parser  # argparse only: no service imports yet
 
     add_serve_parser(sub)
+    from .blackbox.cli import add_blackbox_parsers
+
+    add_blackbox_parsers(sub)
     return p
 
 
@@ -62,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (dk run r.yaml --out x train.seed=2).
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.cmd not in ("run", "validate", "label") or any(x.startswith("-") for x in extra):
+        if args.cmd not in ("run", "validate", "label", "generate") or any(
+            x.startswith("-") for x in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
@@ -216,6 +221,10 @@ def _dispatch_one(args) -> int:
         from .service.cli import serve_main
 
         return serve_main(args)
+    if args.cmd in ("generate", "serve-teacher"):
+        from .blackbox.cli import blackbox_main
+
+        return blackbox_main(args)
     raise AssertionError(args.cmd)  # pragma: no cover
 
 

@@ -47,6 +47,12 @@ FAMILIES: dict[str, Family] = {
         help="transformer encoders: layer-copy students, triple loss, text classification",
     ),
     # causal language models: token-level KD, GKD, sequence-level KD (issue 6)
+    # black-box distillation data: sample an OpenAI-compatible endpoint, verify, keep (issue 7)
+    "generate": Family(
+        "darkknowledge.blackbox.recipe:GenerateRecipe",
+        "darkknowledge.blackbox.generate:run_generate_family",
+        help="sample a teacher endpoint, verify the answers, write an SFT dataset",
+    ),
     "causal_lm": Family(
         "darkknowledge.lm.recipe:LMRecipe",
         "darkknowledge.lm.pipeline:run_lm_recipe",

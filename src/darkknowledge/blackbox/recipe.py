@@ -1,0 +1,177 @@
+"""The ``dk generate`` recipe: prompts → teacher endpoint(s) → verifier → SFT rows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import DKError
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptsCfg(_M):
+    path: str  # JSONL; relative paths: to the working folder, else to the recipe's folder
+    prompt_field: str = "question"
+    answer_field: str | None = "answer"
+    id_field: str | None = None  # default: the line number
+    template: str = "{question}"  # str.format over the row's fields
+    system: str | None = None  # chat only
+    limit: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+
+
+class TeacherCfg(_M):
+    base_url: list[str] | str | None = None  # one or several endpoints; env DK_TEACHER_BASE_URL
+    model: str | None = None  # env DK_TEACHER_MODEL
+    api: Literal["chat", "completions"] = "chat"
+    api_key: SecretStr | None = None  # prefer api_key_env: a key in a recipe ends up in git
+    api_key_env: str = "DK_TEACHER_API_KEY"
+    max_top_logprobs: int = Field(20, ge=0)  # the server's cap (OpenAI: 20)
+
+    def urls(self) -> list[str]:
+        raw = self.base_url or os.environ.get("DK_TEACHER_BASE_URL", "")
+        urls = [raw] if isinstance(raw, str) else list(raw)
+        urls = [u.strip() for part in urls for u in part.split(",") if u.strip()]
+        if not urls:
+            raise DKError(
+                "teacher.base_url: not set; give it in the recipe or in DK_TEACHER_BASE_URL"
+            )
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise DKError(f"teacher.base_url: {u!r} is not an http(s) URL")
+        return urls
+
+    def model_name(self) -> str:
+        m = self.model or os.environ.get("DK_TEACHER_MODEL")
+        if not m:
+            raise DKError("teacher.model: not set; give it in the recipe or in DK_TEACHER_MODEL")
+        return m
+
+    def key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get(self.api_key_env) or os.environ.get("OPENAI_API_KEY")
+
+
+class SamplingCfg(_M):
+    n: int = Field(4, ge=1, le=128)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1)
+    seed: int | None = 0
+    stop: list[str] | None = None
+    top_logprobs: int = Field(0, ge=0)  # > 0: capture logprobs (top-k per token)
+
+    def body(self, api: str, top_logprobs: int) -> dict:
+        b = {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+        }
+        if self.seed is not None:
+            b["seed"] = self.seed
+        if self.stop:
+            b["stop"] = self.stop
+        if top_logprobs > 0:
+            if api == "chat":
+                b["logprobs"], b["top_logprobs"] = True, top_logprobs
+            else:
+                b["logprobs"] = top_logprobs
+        return b
+
+
+class VerifierCfg(_M):
+    name: str = "gsm8k"
+    params: dict = Field(default_factory=dict)
+
+
+class SelectCfg(_M):
+    keep: Literal["correct", "all", "first"] = "correct"  # correct = rejection sampling
+    shortest: bool = False  # keep only the shortest kept sample per prompt
+    max_per_prompt: int | None = Field(None, ge=1)
+
+
+class ClientCfg(_M):
+    concurrency: int = Field(16, ge=1, le=1024)
+    max_attempts: int = Field(6, ge=1)
+    backoff_s: float = Field(0.5, ge=0.0)
+    max_backoff_s: float = Field(30.0, ge=0.0)
+    timeout_s: float = Field(120.0, gt=0.0)
+
+
+class BudgetCfg(_M):
+    max_tokens: int | None = Field(None, ge=1)
+    max_cost: float | None = Field(None, gt=0.0)
+    price_input_per_m: float = Field(0.0, ge=0.0)  # currency units per million tokens
+    price_output_per_m: float = Field(0.0, ge=0.0)
+
+
+class GenerateRecipe(_M):
+    prompts: PromptsCfg
+    teacher: TeacherCfg = Field(default_factory=TeacherCfg)
+    sampling: SamplingCfg = Field(default_factory=SamplingCfg)
+    verifier: VerifierCfg = Field(default_factory=VerifierCfg)
+    select: SelectCfg = Field(default_factory=SelectCfg)
+    client: ClientCfg = Field(default_factory=ClientCfg)
+    budget: BudgetCfg = Field(default_factory=BudgetCfg)
+    cache: str | None = None  # default: OUT/cache.jsonl
+    _base_dir: Path | None = PrivateAttr(None)  # the recipe file's folder, for relative paths
+
+    @model_validator(mode="after")
+    def _remember_base(self, info: ValidationInfo):
+        base = (info.context or {}).get("base_dir") if info.context else None
+        self._base_dir = Path(base) if base else None
+        return self
+
+    @field_validator("cache")
+    @classmethod
+    def _cache(cls, v):
+        return v or None
+
+    def public_dump(self) -> dict:
+        """The resolved recipe without the API key (what goes on disk)."""
+        d = self.model_dump(mode="json")
+        d["teacher"].pop("api_key", None)
+        return d
+
+
+def load_generate_recipe(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[GenerateRecipe, Path]:
+    from ..recipe_io import apply_overrides, format_validation_error, read_yaml
+
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    fam = data.pop("family", "generate")
+    if fam != "generate":
+        raise DKError(f"{path}: family {fam!r}: dk generate takes 'family: generate' recipes")
+    try:
+        rec = GenerateRecipe.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as e:
+        raise DKError(format_validation_error(e, data, str(path))) from None
+    return rec, path.resolve().parent
+
+
+def resolve_path(p: str, base_dir: Path | None) -> Path:
+    q = Path(p).expanduser()
+    if q.is_absolute() or q.exists() or base_dir is None:
+        return q
+    alt = base_dir / q
+    return alt if alt.exists() else q

@@ -1,0 +1,179 @@
+"""dk serve-teacher over real HTTP (uvicorn on loopback), and dk generate against it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx as _httpx
+import pytest
+import yaml
+
+from darkknowledge.blackbox.serve import Generator, create_app, load_generator
+from darkknowledge.blackbox.synthetic import problems, prompt_of
+from darkknowledge.cli import main
+from darkknowledge.hf.io import build_tiny, char_tokenizer, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class httpx:  # a patient client: the CPU is shared
+    get = staticmethod(lambda *a, **k: _httpx.get(*a, timeout=60, **k))
+    post = staticmethod(lambda *a, **k: _httpx.post(*a, timeout=60, **k))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    rows = problems(50, 0)
+    tok = char_tokenizer(
+        "".join(prompt_of(r["question"]) + r["answer"] for r in rows) + "0123456789"
+    )
+    model = build_tiny(
+        "tiny-gpt2",
+        "AutoModelForCausalLM",
+        seed=0,
+        vocab_size=len(tok),
+        n_embd=32,
+        n_positions=1024,
+        n_layer=1,
+        n_head=2,
+    )
+    save_pretrained(model, d, tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def served(teacher_dir):
+    import uvicorn
+
+    gen = load_generator(teacher_dir)
+    app = create_app(gen, "tiny", max_top_logprobs=5)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}/v1", gen
+    server.should_exit = True
+    t.join(5)
+
+
+def test_endpoints(served):
+    url, _ = served
+    assert httpx.get(url + "/models").json()["data"][0]["id"] == "tiny"
+    body = {
+        "model": "tiny",
+        "prompt": "Q: Ann has 3 eggs.",
+        "max_tokens": 6,
+        "n": 3,
+        "temperature": 1.0,
+        "seed": 7,
+        "logprobs": 3,
+    }
+    a = httpx.post(url + "/completions", json=body).json()
+    b = httpx.post(url + "/completions", json=body).json()
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]  # seeded
+    assert len(a["choices"]) == 3 and a["usage"]["prompt_tokens"] == len("Q: Ann has 3 eggs.")
+    lp = a["choices"][0]["logprobs"]
+    assert "".join(lp["tokens"]) == a["choices"][0]["text"]
+    for tok_lp, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert tok_lp <= 0 and len(top) == 3
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+    # greedy: the chosen token is the most probable one
+    g = httpx.post(
+        url + "/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "Q: Ben"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ).json()
+    for t in g["choices"][0]["logprobs"]["content"]:
+        assert t["logprob"] == pytest.approx(t["top_logprobs"][0]["logprob"], abs=1e-5)
+    # above the cap, a wrong model, a bad field: 400/404 with an OpenAI-style error
+    r = httpx.post(url + "/completions", json=body | {"logprobs": 6})
+    assert r.status_code == 400 and "cap of 5" in r.json()["error"]["message"]
+    assert httpx.post(url + "/completions", json=body | {"model": "x"}).status_code == 404
+    r = httpx.post(url + "/completions", json={"prompt": "x", "n": 0})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("n:")
+
+
+def test_stop_and_length(served):
+    url, gen = served
+    assert isinstance(gen, Generator)
+    r = httpx.post(
+        url + "/completions",
+        json={"prompt": "Q:", "max_tokens": 16, "temperature": 1.0, "seed": 1, "n": 4},
+    ).json()
+    assert r["usage"]["completion_tokens"] <= 4 * 16
+    assert all(c["finish_reason"] in ("stop", "length") for c in r["choices"])
+    s = httpx.post(
+        url + "/completions",
+        json={
+            "prompt": "Q:",
+            "max_tokens": 16,
+            "temperature": 1.0,
+            "seed": 1,
+            "n": 4,
+            "stop": ["e"],
+        },
+    ).json()
+    for c, full in zip(s["choices"], r["choices"], strict=True):
+        assert "e" not in c["text"] and full["text"].startswith(c["text"])
+
+
+def test_generate_against_served_teacher(served, tmp_path):
+    url, _ = served
+    rows = problems(6, 1)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = {
+        "prompts": {"path": str(prompts), "template": "Q: {question}\nA:"},
+        "teacher": {"base_url": url, "model": "tiny", "api": "completions", "max_top_logprobs": 5},
+        # above the server's cap of 5: clamped to it instead of failing every request
+        "sampling": {"n": 3, "max_tokens": 20, "temperature": 1.0, "seed": 0, "top_logprobs": 8},
+        "select": {"keep": "all"},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["generate", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    sft = (tmp_path / "o" / "sft.jsonl").read_text().splitlines()
+    assert len(sft) == 18  # keep: all
+    assert json.loads(sft[0])["verdict"]["verifier"] == "gsm8k"
+    row = json.loads((tmp_path / "o" / "results.jsonl").read_text().splitlines()[0])
+    lp = row["samples"][0]["logprobs"]  # captured with the answer
+    assert "".join(lp["tokens"]) == row["samples"][0]["text"]
+    assert all(len(t) == 5 for t in lp["top_logprobs"])
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert main(["serve-teacher", str(tmp_path / "nope")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+
+
+def test_gsm8k_recipe_runs_with_a_tiny_model(served, tmp_path):
+    """The shipped GSM8K recipe, pointed at a tiny served model: it runs end to end on the
+    real data (the tiny model is never right, so every sample is rejected)."""
+    url, _ = served
+    recipe = ROOT / "recipes" / "blackbox" / "gsm8k_generate.yaml"
+    over = [
+        f"teacher.base_url={url}",
+        "teacher.model=tiny",
+        "prompts.limit=3",
+        "sampling.max_tokens=8",
+    ]
+    out = tmp_path / "g"
+    assert main(["run", str(recipe), "--out", str(out), *over]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["done"] == 3 and s["samples"] == 12 and s["rejection_rate"] == 1.0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["prompt"].startswith("Natalia sold clips")  # GSM8K train row 0
+    assert rows[0]["samples"][0]["verdict"]["expected"] == "72"
