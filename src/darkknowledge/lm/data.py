@@ -148,6 +148,7 @@ def render(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list
 class ChatExample:
     ids: list[int]
     n_prompt: int
+    truncated: bool = False
 
 
 def encode_chat(
@@ -156,12 +157,13 @@ def encode_chat(
     out = []
     for i, (p, r) in enumerate(rows):
         ids, n_prompt = render(tokenizer, p, r, max_length + 1)
+        full, _ = render(tokenizer, p, r, 1 << 30)
         if len(ids) - n_prompt < 1:
             raise DKError(
                 f"{where}: example {i + 1}: no response tokens left within max_length "
                 f"{max_length} (the prompt alone has {n_prompt} tokens); raise data.max_length"
             )
-        out.append(ChatExample(ids, n_prompt))
+        out.append(ChatExample(ids, n_prompt, len(full) > len(ids)))
     return out
 
 
@@ -189,11 +191,17 @@ class ChatSet:
         self.student, self.teacher = student, teacher
         if teacher is not None:
             for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
-                if s.ids[s.n_prompt :] != t.ids[t.n_prompt :]:
+                rs, rt = s.ids[s.n_prompt :], t.ids[t.n_prompt :]
+                n = min(len(rs), len(rt))  # max_length may cut one rendering earlier
+                cut_ok = (len(rs) == n or t.truncated) and (len(rt) == n or s.truncated)
+                if rs[:n] != rt[:n] or not cut_ok:
                     raise DKError(
                         f"chat data: example {i + 1}: teacher and student tokenise the "
-                        "response differently; token-level KD needs the same tokens"
+                        "response differently (their chat templates render the assistant "
+                        "turn differently); token-level KD needs the same response "
+                        "tokens: give both the same chat template"
                     )
+                s.ids, t.ids = s.ids[: s.n_prompt + n], t.ids[: t.n_prompt + n]
 
     def __len__(self) -> int:
         return len(self.student)

@@ -28,7 +28,7 @@ def check_pair(teacher, t_tok, student, s_tok, *, chat: bool) -> dict:
             f"vocabulary mismatch: the teacher's LM head has {tv:,} outputs (tokenizer "
             f"{_tok_len(t_tok):,} tokens), the student's {sv:,} (tokenizer {_tok_len(s_tok):,}); "
             "token-level distillation needs the same vocabulary: give the student the "
-            "teacher's tokenizer (and vocab size), or distil on text (distill.mode: seqkd)"
+            "teacher's tokenizer and vocabulary size"
         )
     if t_tok is not s_tok:
         a, b = t_tok.get_vocab(), s_tok.get_vocab()
