@@ -3,7 +3,8 @@ variant over several seeds: every (variant, seed) is its own `dk run` process.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/lm_seeds.py --seeds 3 --steps 1500
 
-The teacher is trained once (in the plain seed-0 run) and reused by path by the others.
+The teacher is trained once (in the plain seed-0 run, or given with --teacher: a model
+folder saved by an earlier run, e.g. runs/lm_teacher/model) and reused by path.
 Finished runs (a report.json) are skipped, so an interrupted sweep is continued by
 running the same command. Writes docs/results/llm_seeds.json and prints a table.
 """
@@ -54,11 +55,18 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "runs/lm_seeds"))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json", default=str(ROOT / "docs/results/llm_seeds.json"))
+    ap.add_argument("--teacher", default=None, help="a trained teacher's model folder")
     args = ap.parse_args()
     out = Path(args.out)
     variants = args.variants.split(",")
-    first = run("plain", 0, out, args.steps, None)  # also trains the teacher
-    teacher = out / "plain_s0" / "teacher" / "model"
+    if args.teacher:
+        teacher = Path(args.teacher).resolve()
+        first = run("plain", 0, out, args.steps, teacher)
+        t_train = json.loads((teacher.parent / "result.json").read_text())
+    else:
+        first = run("plain", 0, out, args.steps, None)  # also trains the teacher
+        teacher = out / "plain_s0" / "teacher" / "model"
+        t_train = first["teacher"]
     results: dict[str, list[dict]] = {"plain": [first]}
     order = [(v, s) for s in range(args.seeds) for v in ("plain", "fkl") if (v, s) != ("plain", 0)]
     order += [(v, s) for v in variants if v not in ("plain", "fkl") for s in range(args.seeds)]
@@ -67,7 +75,9 @@ def main() -> int:
             results.setdefault(v, []).append(run(v, s, out, args.steps, teacher))
     summary = {
         "teacher_val_loss": first["teacher"]["val_loss"],
-        "teacher_steps": first["teacher"]["steps"],
+        "teacher_steps": t_train["steps"],
+        "teacher_train_wall_s": t_train["wall_s"],
+        "teacher": str(teacher),
         "student_steps": args.steps,
         "seeds": args.seeds,
         "variants": {},
