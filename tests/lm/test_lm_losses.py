@@ -46,7 +46,9 @@ def test_chunked_equals_unchunked_fp32(spec, chunk):
         chunk=chunk,
     )
     gout = torch.autograd.grad(out, (h, w, b))
-    assert abs(float(out.detach()) - float(ref.detach())) <= 1e-6 * max(1.0, abs(float(ref)))
+    assert abs(float(out.detach()) - float(ref.detach())) <= 1e-6 * max(
+        1.0, abs(float(ref.detach()))
+    )
     for a, r in zip(gout, gref, strict=True):
         assert torch.allclose(a, r, atol=1e-6, rtol=1e-5)
 
@@ -64,7 +66,9 @@ def test_sparse_chunked_equals_unchunked(kind):
         h, w, b, spec, teacher=lambda lo, hi: (ids[lo:hi], lp[lo:hi], tail[lo:hi]), chunk=5
     )
     gout = torch.autograd.grad(out, (h, w))
-    assert abs(float(out.detach()) - float(ref.detach())) <= 1e-6 * max(1.0, abs(float(ref)))
+    assert abs(float(out.detach()) - float(ref.detach())) <= 1e-6 * max(
+        1.0, abs(float(ref.detach()))
+    )
     for a, r in zip(gout, gref, strict=True):
         assert torch.allclose(a, r, atol=1e-6, rtol=1e-5)
 
@@ -161,3 +165,32 @@ def test_bad_spec_is_refused():
         TokenLoss("kl")
     with pytest.raises(ValueError, match="beta"):
         TokenLoss("jsd", beta=2.0)
+
+
+@pytest.mark.parametrize("topk", [False, True])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_closed_form_equals_autograd(monkeypatch, topk, ce_weight, temperature):
+    """The closed-form forward-KL/CE chunk gradients equal autograd's, to 1e-6 (fp32)."""
+    import darkknowledge.lm.losses as L
+
+    h, w, b, th, tw, labels = _setup(seed=4)
+    labels[::5] = -100
+    tlog = th @ tw.t()
+    lp, ids = torch.log_softmax(tlog, -1).topk(6, dim=-1)
+    tail = 1 - lp.exp().sum(-1)
+    tail[0] = 0.0  # an empty tail (top-k holds all the teacher's mass)
+    target = (
+        (lambda lo, hi: (ids[lo:hi], lp[lo:hi], tail[lo:hi]))
+        if topk
+        else (lambda lo, hi: tlog[lo:hi])
+    )
+    spec = TokenLoss("forward_kl", temperature=temperature, ce_weight=ce_weight)
+    out = {}
+    for closed in (True, False):
+        monkeypatch.setattr(L, "CLOSED_FORM", closed)
+        v = chunked_head_loss(h, w, b, spec, labels=labels, teacher=target, chunk=6)
+        out[closed] = (float(v.detach()), torch.autograd.grad(v, (h, w, b)))
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)
+    for a, r in zip(out[True][1], out[False][1], strict=True):
+        assert torch.allclose(a, r, atol=1e-6, rtol=1e-5)

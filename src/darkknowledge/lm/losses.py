@@ -9,7 +9,8 @@ the per-token divergence is evaluated and its gradient with respect to the chunk
 logits is pushed straight into the gradients of the student's hidden states and head
 weight (the fused-linear idea of Liger Kernel's chunked losses). So at any time only one
 chunk's [chunk, V] logits exist, and the backward pass costs the same matmuls as a plain
-step's, nothing is recomputed.
+step's, nothing is recomputed. Forward KL and cross-entropy take closed-form gradients
+(:mod:`.fast`), so their chunks cost about what a cross-entropy chunk costs.
 
 Every loss is a sum over valid tokens divided by ``normalizer`` (the number of valid
 tokens of the whole accumulated batch), so accumulating gradients over micro-batches
@@ -36,6 +37,11 @@ from torch import Tensor
 
 from ..losses.divergences import _kl_per_position, _up
 from ..losses.sparse import buckets
+from . import fast
+
+# Forward KL and cross-entropy chunks use closed-form gradients (:mod:`.fast`); the
+# autograd path is the reference (tests compare the two) and serves the other divergences.
+CLOSED_FORM = True
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl")
 
@@ -147,12 +153,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             h = hidden[lo:hi]
-            with torch.enable_grad():
-                logits = F.linear(h, weight, bias).detach().requires_grad_(True)  # (c, V)
-                target = teacher(lo, hi) if teacher is not None else None
-                lab = labels[lo:hi] if labels is not None else None
-                loss_c, kd_c, ce_c = _chunk_terms(logits, lab, target, spec)
-                (g,) = torch.autograd.grad(loss_c, logits)  # (c, V)
+            target = teacher(lo, hi) if teacher is not None else None
+            lab = labels[lo:hi] if labels is not None else None
+            if CLOSED_FORM and fast.applies(spec, target):
+                logits = F.linear(h, weight, bias)  # (c, V)
+                loss_c, kd_c, ce_c, g = fast.chunk_loss_and_grad(logits, lab, target, spec)
+            else:
+                with torch.enable_grad():
+                    logits = F.linear(h, weight, bias).detach().requires_grad_(True)
+                    loss_c, kd_c, ce_c = _chunk_terms(logits, lab, target, spec)
+                    (g,) = torch.autograd.grad(loss_c, logits)  # (c, V)
             g = g.to(weight.dtype)
             grad_h[lo:hi] = g @ weight
             if grad_w is not None:
