@@ -194,3 +194,30 @@ def test_closed_form_equals_autograd(monkeypatch, topk, ce_weight, temperature):
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)
     for a, r in zip(out[True][1], out[False][1], strict=True):
         assert torch.allclose(a, r, atol=1e-6, rtol=1e-5)
+
+
+def test_closed_form_exact_when_the_student_tail_is_tiny(monkeypatch):
+    """A sharp student whose mass sits on the teacher's top-k (tail < 1e-3): the
+    closed form sums that tail exactly instead of 1 − Σ top-k."""
+    import darkknowledge.lm.losses as L
+
+    h, w, b, *_ = _setup(seed=5)
+    with torch.no_grad():
+        h.mul_(40.0)
+        p = torch.softmax(h @ w.t() + b, -1)
+    s_ids = p.topk(6, dim=-1).indices
+    assert (1 - p.gather(-1, s_ids).sum(-1) < 1e-3).sum() > N // 2  # the exact path runs
+    lp = torch.log_softmax(torch.randn(N, 6, generator=torch.Generator().manual_seed(1)), -1) - 0.01
+    tail = 1 - lp.exp().sum(-1)
+    spec = TokenLoss("forward_kl")
+    out = {}
+    for closed in (True, False):
+        monkeypatch.setattr(L, "CLOSED_FORM", closed)
+        v = chunked_head_loss(
+            h, w, b, spec, teacher=lambda lo, hi: (s_ids[lo:hi], lp[lo:hi], tail[lo:hi]), chunk=8
+        )
+        out[closed] = (float(v.detach()), torch.autograd.grad(v, (w,))[0])
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    # logits of a few hundred: fp32 rounding of both paths, relative to the largest entry
+    g, ref = out[True][1], out[False][1]
+    assert float((g - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -29,6 +29,24 @@ def applies(spec, target) -> bool:
     return spec.kind == "forward_kl" or (spec.kind == "jsd" and spec.beta == 0.0)
 
 
+def _softmax_parts(z: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(z/τ, logsumexp (n, 1), softmax (n, V)) with as few [n, V] tensors as possible."""
+    zt = z if tau == 1.0 else z / tau
+    lse = torch.logsumexp(zt, dim=-1, keepdim=True)  # (n, 1)
+    return zt, lse, torch.exp(zt - lse)
+
+
+def _add(grad: Tensor | None, g: Tensor, scale: float) -> Tensor:
+    if scale != 1.0:
+        g.mul_(scale)
+    return g if grad is None else grad.add_(g)
+
+
+# Below this student tail mass, 1 − Σ top-k loses digits to cancellation: those rows sum
+# the tail exactly.
+_EXACT_TAIL = 1e-3
+
+
 def chunk_loss_and_grad(
     logits: Tensor, labels: Tensor | None, target, spec
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -37,10 +55,9 @@ def chunk_loss_and_grad(
     tau = spec.temperature
     zero = z.new_zeros(())
     kd = ce = zero
-    grad = torch.zeros_like(z)
+    grad: Tensor | None = None
     if target is not None and spec.kd_weight:
-        ls = F.log_softmax(z / tau, dim=-1)  # (n, V)
-        ps = ls.exp()
+        zt, lse, ps = _softmax_parts(z, tau)  # ps: (n, V), becomes the gradient in place
         if isinstance(target, tuple):
             ids, lp, tail = target
             ids = ids.long()
@@ -49,32 +66,44 @@ def chunk_loss_and_grad(
             t_b = torch.cat([t_k, t_tail], -1)
             t_b = t_b - torch.logsumexp(t_b, -1, keepdim=True)  # renormalised buckets
             t_k, t_tail = t_b[:, :-1], t_b[:, -1]
-            s_k = ls.gather(-1, ids)  # (n, K)
-            in_k = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)
-            s_tail_p = ps.masked_fill(in_k, 0.0).sum(-1)  # (n,) student mass off the top-k
-            s_tail = torch.where(
-                s_tail_p > 0, s_tail_p.clamp_min(1e-45).log(), torch.full_like(s_tail_p, -1e4)
-            )
+            s_k = zt.gather(-1, ids) - lse  # (n, K) student log-probs of the top-k ids
+            p_k = ps.gather(-1, ids)
+            # log of the student's mass off the top-k: 1 − Σ p_k, or, where that loses
+            # digits (a tiny tail), a logsumexp over the other tokens' log-probs
+            s_tail_p = (1.0 - p_k.sum(-1)).clamp_min(1e-45)
+            s_tail = s_tail_p.log()
+            low = (s_tail_p < _EXACT_TAIL).nonzero().squeeze(1)
+            if len(low):
+                rest = (zt[low] - lse[low]).scatter(-1, ids[low], -1.0e4)
+                s_tail = s_tail.index_put((low,), torch.logsumexp(rest, -1))
             pt_k, pt_tail = t_k.exp(), t_tail.exp()
-            per = (pt_k * (t_k - s_k)).sum(-1) + torch.where(
-                pt_tail > 0, pt_tail * (t_tail - s_tail), torch.zeros_like(pt_tail)
-            )
-            ratio = torch.where(s_tail_p > 0, pt_tail / s_tail_p.clamp_min(1e-45), 0.0)
-            g = ps * (1.0 - ratio).unsqueeze(-1)
-            g.scatter_(-1, ids, ps.gather(-1, ids) - pt_k)
+            per = (pt_k * (t_k - s_k)).sum(-1) + pt_tail * (t_tail - s_tail)
+            log_ratio = t_tail - s_tail  # log(t_tail / s_tail): the tail tokens' factor
+            if len(low):  # p_j − p_j·ratio in log space, the ratio may overflow
+                g_low = ps[low] - torch.exp(rest + log_ratio[low].unsqueeze(-1))
+            g = ps.mul_(1.0 - log_ratio.clamp_max(80.0).exp().unsqueeze(-1))
+            if len(low):
+                g[low] = g_low
+            g.scatter_(-1, ids, p_k - pt_k)
         else:
             lt = F.log_softmax(_up(target) / tau, dim=-1)
             pt = lt.exp()
+            ls = zt - lse
             per = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(lt)).sum(-1)
-            g = ps - pt
+            del ls, lt
+            g = ps.sub_(pt)
         kd = per.clamp_min(0.0).sum()
-        grad += g * (spec.kd_weight / tau)
+        grad = _add(grad, g, spec.kd_weight / tau)
+        del ps, g
     if labels is not None and spec.ce_weight:
         valid = labels != -100
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        l1 = F.log_softmax(z, dim=-1)
-        ce = -(l1.gather(-1, safe[:, None]).squeeze(-1) * valid).sum()
-        g = l1.exp()
-        g[torch.arange(len(z)), safe] -= 1.0
-        grad += g * valid[:, None] * spec.ce_weight
+        _, lse1, p1 = _softmax_parts(z, 1.0)
+        ce = ((lse1.squeeze(-1) - z.gather(-1, safe[:, None]).squeeze(-1)) * valid).sum()
+        p1[torch.arange(len(z)), safe] -= 1.0
+        if not bool(valid.all()):
+            p1.mul_(valid[:, None])
+        grad = _add(grad, p1, spec.ce_weight)
+    if grad is None:
+        grad = torch.zeros_like(z)
     return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, grad
