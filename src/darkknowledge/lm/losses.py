@@ -164,9 +164,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     loss_c, kd_c, ce_c = _chunk_terms(logits, lab, target, spec)
                     (g,) = torch.autograd.grad(loss_c, logits)  # (c, V)
             g = g.to(weight.dtype)
-            grad_h[lo:hi] = g @ weight
+            if grad_h.dtype == g.dtype and grad_h.is_contiguous():
+                torch.mm(g, weight, out=grad_h[lo:hi])
+            else:
+                grad_h[lo:hi] = g @ weight
             if grad_w is not None:
-                grad_w += (g.t() @ h).float()
+                if g.dtype == torch.float32 and h.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h)  # in place: no [V, H] temporary per chunk
+                else:
+                    grad_w += (g.t() @ h).float()
             if grad_b is not None:
                 grad_b += g.float().sum(0)
             total += loss_c.detach()
