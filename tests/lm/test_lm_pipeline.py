@@ -234,3 +234,15 @@ def test_bad_recipes_are_one_line_errors(text):
     bad["train"] = {**FAST, "stepz": 3}
     with pytest.raises(DKError, match="stepz"):
         validate_family(bad)
+
+
+def test_text_is_tokenised_in_pieces_with_the_same_ids(text):
+    from darkknowledge.lm.data import tokenize_text
+
+    t = SHAKES.read_text()[:60_000]
+    toks = [hfio.char_tokenizer(t)]
+    if GPT2_TOK.exists():
+        toks.append(hfio.load_tokenizer(GPT2_TOK))
+    for tok in toks:
+        whole = tok(t, add_special_tokens=False)["input_ids"]
+        assert tokenize_text(tok, t, piece=4096).tolist() == whole

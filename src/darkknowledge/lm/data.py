@@ -10,6 +10,7 @@ tokens, the same tokens in the same order for both, so the loss pairs them row b
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,30 @@ def read_text(path: Path) -> str:
     return text
 
 
+_LONE_NEWLINE = re.compile(r"(?<=[^\n])\n(?=[^\n])")
+
+
+def tokenize_text(tokenizer, text: str, piece: int = 1 << 16) -> Tensor:
+    """Token ids of a long text, tokenised in pieces of about ``piece`` characters.
+
+    One call on a whole 1 MB text makes the fast tokenizer hold per-token strings and
+    offsets for all of it (≈ 0.5 GB); pieces keep that to a few MB. Pieces end just after
+    a lone newline (text on both sides), where byte-level BPE (GPT-2) and character
+    tokenizers give the same ids as on the whole text (tested).
+    """
+    parts, start, n = [], 0, len(text)
+    while start < n:
+        end = min(start + piece, n)
+        if end < n:
+            cuts = [m.end() for m in _LONE_NEWLINE.finditer(text, start, end)]
+            if cuts and cuts[-1] > start:
+                end = cuts[-1]
+        ids = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+        parts.append(torch.tensor(ids, dtype=torch.long))
+        start = end
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 class TextBlocks:
     """Token ids of a text, split into a training part (random blocks) and a validation
     part (consecutive blocks)."""
@@ -65,8 +90,7 @@ class TextBlocks:
 
     @classmethod
     def from_text(cls, text: str, tokenizer, block_size, val_fraction, val_blocks):
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        return cls(ids, block_size, val_fraction, val_blocks)
+        return cls(tokenize_text(tokenizer, text), block_size, val_fraction, val_blocks)
 
     def offsets(self, gen: torch.Generator, n: int) -> Tensor:
         return torch.randint(0, len(self.train_ids) - self.block - 1, (n,), generator=gen)
