@@ -1,0 +1,2 @@
+"""Causal language models: token-level KD in chunks, on-policy (GKD) and sequence-level
+KD, LoRA students, and a pre-flight check of teacher/student compatibility."""

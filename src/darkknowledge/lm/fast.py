@@ -1,0 +1,109 @@
+"""Closed-form gradients for the most used chunk losses, so a chunk costs about what a
+cross-entropy chunk costs (a softmax and one subtraction) instead of an autograd graph
+of a dozen [chunk, V] tensors.
+
+Forward KL(p_t ‖ p_s) at temperature τ, per row, with z the student's logits:
+
+- dense teacher: ∂/∂z = (p_s − p_t) / τ.
+- top-k + tail teacher on K + 1 buckets (:mod:`darkknowledge.losses.sparse`): a top-k
+  token j is its own bucket, so ∂/∂z_j = (p_j − t_j) / τ; every other token shares the
+  tail bucket, ∂/∂z_j = p_j · (1 − t_tail / s_tail) / τ, where s_tail is the student's
+  mass outside the top-k.
+
+Plus ``ce_weight`` · CE(labels) (at temperature 1): ∂/∂z = softmax(z) − onehot(y). The autograd path stays the reference (tests compare them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..losses.divergences import _up
+
+
+def applies(spec, target) -> bool:
+    """Whether the closed form covers this chunk: forward KL (or no KD term) plus CE."""
+    if target is None or spec.kd_weight == 0.0:
+        return True
+    return spec.kind == "forward_kl" or (spec.kind == "jsd" and spec.beta == 0.0)
+
+
+def _softmax_parts(z: Tensor, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(z/τ, logsumexp (n, 1), softmax (n, V)) with as few [n, V] tensors as possible."""
+    zt = z if tau == 1.0 else z / tau
+    lse = torch.logsumexp(zt, dim=-1, keepdim=True)  # (n, 1)
+    return zt, lse, torch.exp(zt - lse)
+
+
+def _add(grad: Tensor | None, g: Tensor, scale: float) -> Tensor:
+    if scale != 1.0:
+        g.mul_(scale)
+    return g if grad is None else grad.add_(g)
+
+
+# Below this student tail mass, 1 − Σ top-k loses digits to cancellation: those rows sum
+# the tail exactly.
+_EXACT_TAIL = 1e-3
+
+
+def chunk_loss_and_grad(
+    logits: Tensor, labels: Tensor | None, target, spec
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(total, kd sum, ce sum, ∂total/∂logits) for one chunk ``logits (n, V)``."""
+    z = _up(logits)
+    tau = spec.temperature
+    zero = z.new_zeros(())
+    kd = ce = zero
+    grad: Tensor | None = None
+    if target is not None and spec.kd_weight:
+        zt, lse, ps = _softmax_parts(z, tau)  # ps: (n, V), becomes the gradient in place
+        if isinstance(target, tuple):
+            ids, lp, tail = target
+            ids = ids.long()
+            t_k = _up(lp)
+            t_tail = _up(tail).clamp_min(1e-30).log().unsqueeze(-1)
+            t_b = torch.cat([t_k, t_tail], -1)
+            t_b = t_b - torch.logsumexp(t_b, -1, keepdim=True)  # renormalised buckets
+            t_k, t_tail = t_b[:, :-1], t_b[:, -1]
+            s_k = zt.gather(-1, ids) - lse  # (n, K) student log-probs of the top-k ids
+            p_k = ps.gather(-1, ids)
+            # log of the student's mass off the top-k: 1 − Σ p_k, or, where that loses
+            # digits (a tiny tail), a logsumexp over the other tokens' log-probs
+            s_tail_p = (1.0 - p_k.sum(-1)).clamp_min(1e-45)
+            s_tail = s_tail_p.log()
+            low = (s_tail_p < _EXACT_TAIL).nonzero().squeeze(1)
+            if len(low):
+                rest = (zt[low] - lse[low]).scatter(-1, ids[low], -1.0e4)
+                s_tail = s_tail.index_put((low,), torch.logsumexp(rest, -1))
+            pt_k, pt_tail = t_k.exp(), t_tail.exp()
+            per = (pt_k * (t_k - s_k)).sum(-1) + pt_tail * (t_tail - s_tail)
+            log_ratio = t_tail - s_tail  # log(t_tail / s_tail): the tail tokens' factor
+            if len(low):  # p_j − p_j·ratio in log space, the ratio may overflow
+                g_low = ps[low] - torch.exp(rest + log_ratio[low].unsqueeze(-1))
+            g = ps.mul_(1.0 - log_ratio.clamp_max(80.0).exp().unsqueeze(-1))
+            if len(low):
+                g[low] = g_low
+            g.scatter_(-1, ids, p_k - pt_k)
+        else:
+            lt = F.log_softmax(_up(target) / tau, dim=-1)
+            pt = lt.exp()
+            ls = zt - lse
+            per = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(lt)).sum(-1)
+            del ls, lt
+            g = ps.sub_(pt)
+        kd = per.clamp_min(0.0).sum()
+        grad = _add(grad, g, spec.kd_weight / tau)
+        del ps, g
+    if labels is not None and spec.ce_weight:
+        valid = labels != -100
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        _, lse1, p1 = _softmax_parts(z, 1.0)
+        ce = ((lse1.squeeze(-1) - z.gather(-1, safe[:, None]).squeeze(-1)) * valid).sum()
+        p1[torch.arange(len(z)), safe] -= 1.0
+        if not bool(valid.all()):
+            p1.mul_(valid[:, None])
+        grad = _add(grad, p1, spec.ce_weight)
+    if grad is None:
+        grad = torch.zeros_like(z)
+    return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, grad

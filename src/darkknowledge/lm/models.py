@@ -1,0 +1,50 @@
+"""What the LM code needs from a transformers causal LM: its body (to the final hidden
+states) and its LM head, so the head can be applied chunk by chunk."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The LM head's weight ``(V, H)`` and bias ``(V,)`` or None."""
+    out = unwrap(model).get_output_embeddings()
+    w = getattr(out, "weight", None)
+    if w is None:  # a peft-wrapped head keeps the weight in base_layer
+        base = getattr(out, "base_layer", out)
+        w = base.weight
+        return w, getattr(base, "bias", None)
+    return w, getattr(out, "bias", None)
+
+
+def body(model: nn.Module) -> nn.Module:
+    m = unwrap(model)
+    return getattr(m, m.base_model_prefix)
+
+
+def final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Final (post-norm) hidden states ``(B, T, H)``: the body without the LM head."""
+    out = body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(head(model)[0].shape[0])
+
+
+def max_positions(model: nn.Module) -> int | None:
+    cfg = unwrap(model).config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def param_count(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

@@ -1,0 +1,584 @@
+"""``dk run`` for ``causal_lm`` recipes: tokenizer → models → pre-flight → (teacher
+training) → student training (plain CE, token KD, GKD or sequence-level KD) → saved
+models and a report.
+
+Run folder::
+
+    OUT/config.yaml           the resolved recipe (resume refuses a different one)
+    OUT/preflight.json        what the pre-flight check found (vocab, memory estimate)
+    OUT/teacher/model/        the trained teacher (save_pretrained + tokenizer)
+    OUT/[seed_<s>/]student/   metrics.jsonl, checkpoint.pt while training,
+                              model/ (save_pretrained + tokenizer), result.json
+    OUT/report.json
+
+Training is resumable: a checkpoint (weights, optimizer, step) is written atomically
+every ``train.checkpoint_every`` steps; the batches of step s depend only on (seed, s),
+so a resumed run sees the same data as an uninterrupted one. A finished phase (a
+``result.json``) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import DKError
+from ..hf import io as hfio
+from ..pipeline import prepare_run_dir
+from ..train import _MetricsLog
+from . import models as M
+from .data import (
+    IGNORE,
+    ChatSet,
+    LMBatch,
+    TextBlocks,
+    collate,
+    encode_chat,
+    read_jsonl,
+    read_text,
+)
+from .losses import TokenLoss, chunked_head_loss
+from .preflight import preflight
+from .recipe import ChatData, DistillSpec, LMRecipe, LMTrain, TextData, TinyModel
+
+CKPT = "checkpoint.pt"
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizers(recipe: LMRecipe):
+    """(student tokenizer, teacher tokenizer or None, text or None)."""
+    text = read_text(recipe.data.path) if isinstance(recipe.data, TextData) else None
+    spec = recipe.tokenizer
+    if spec is not None and spec.kind == "char":
+        tok = hfio.char_tokenizer(text)
+        s_tok = t_tok = tok
+    elif spec is not None:
+        s_tok = t_tok = hfio.load_tokenizer(spec.path)
+    else:
+        s_tok = hfio.load_tokenizer(recipe.student.model.path)
+        t_tok = hfio.load_tokenizer(recipe.teacher.model.path) if recipe.teacher else None
+    for tok in {id(s_tok): s_tok, id(t_tok): t_tok}.values():
+        if tok is not None and tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token  # padding is masked; EOS is the usual stand-in
+    return s_tok, (t_tok if recipe.teacher else None), text
+
+
+def build_model(spec, tok, seed: int, dropout: float = 0.0):
+    """A causal LM: a tiny one from its config (vocabulary = the tokenizer's) or a folder."""
+    if isinstance(spec, TinyModel):
+        over = dict(spec.config)
+        over.setdefault("vocab_size", len(tok))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tok, key, None) is not None:
+                over.setdefault(key, getattr(tok, key))
+        if spec.tiny == "tiny-gpt2":
+            for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+                over.setdefault(key, dropout)
+        return hfio.build_tiny(spec.tiny, "AutoModelForCausalLM", seed=seed, **over)
+    return hfio.load_model(spec.path, "AutoModelForCausalLM")
+
+
+def apply_lora(model, lora, seed: int):
+    try:
+        import peft
+    except ModuleNotFoundError:
+        raise DKError("LoRA students need peft: pip install 'darkknowledge[lora]'") from None
+    cfg = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    try:
+        return peft.get_peft_model(model, cfg)
+    except ValueError as e:
+        raise DKError(f"student.lora: {str(e).splitlines()[0]}") from None
+
+
+class Data:
+    """The recipe's data, tokenised for the student (and the teacher)."""
+
+    def __init__(self, recipe: LMRecipe, s_tok, t_tok, text: str | None):
+        d = recipe.data
+        self.text: TextBlocks | None = None
+        self.train: ChatSet | None = None
+        self.val: ChatSet | None = None
+        self.s_pad = s_tok.pad_token_id
+        self.t_pad = t_tok.pad_token_id if t_tok is not None else None
+        if isinstance(d, TextData):
+            self.text = TextBlocks.from_text(
+                text, s_tok, d.block_size, d.val_fraction, d.val_blocks
+            )
+            self.max_length = d.block_size
+            return
+        assert isinstance(d, ChatData)
+        rows = read_jsonl(d.train, d.prompt_key, d.response_key)
+        if d.val is not None:
+            val_rows = read_jsonl(d.val, d.prompt_key, d.response_key)
+        else:
+            n_val = max(1, int(len(rows) * d.val_fraction))
+            if n_val >= len(rows):
+                raise DKError(f"{d.train}: too few examples ({len(rows)}) to hold out a val part")
+            rows, val_rows = rows[:-n_val], rows[-n_val:]
+        self.max_length = d.max_length
+
+        def enc(rs, where):
+            s = encode_chat(rs, s_tok, d.max_length, where)
+            t = encode_chat(rs, t_tok, d.max_length, where) if t_tok is not None else None
+            return ChatSet(s, t)
+
+        self.train = enc(rows, str(d.train))
+        self.val = enc(val_rows, str(d.val or d.train))
+
+    @property
+    def chat(self) -> bool:
+        return self.text is None
+
+    def batches(self, seed: int, step: int, batch_size: int, accum: int):
+        """The micro-batches of one step: (student batch, teacher batch or None) pairs."""
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        out = []
+        for m in range(accum):
+            if self.text is not None:
+                b = self.text.batch_at(self.text.offsets(gen, batch_size))
+                out.append((b, None))
+                continue
+            n = len(self.train)
+            per_epoch = max(n // batch_size, 1)
+            epoch, k = divmod(step * accum + m, per_epoch)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            idx = perm[k * batch_size : (k + 1) * batch_size].tolist()
+            s = collate([self.train.student[i] for i in idx], self.s_pad)
+            t = (
+                collate([self.train.teacher[i] for i in idx], self.t_pad)
+                if self.train.teacher is not None
+                else None
+            )
+            out.append((s, t))
+        return out, gen
+
+    def val_batches(self, batch_size: int, teacher: bool = False):
+        if self.text is not None:
+            yield from self.text.val_batches(batch_size)
+            return
+        exs = self.val.teacher if teacher else self.val.student
+        pad = self.t_pad if teacher else self.s_pad
+        for i in range(0, len(exs), batch_size):
+            yield collate(exs[i : i + batch_size], pad)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def val_loss(model, data: Data, batch_size: int = 32, chunk: int = 1024, teacher: bool = False):
+    """Mean next-token cross-entropy (nats) over the validation tokens."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    w, b = M.head(model)
+    total, count = 0.0, 0
+    for batch in data.val_batches(batch_size, teacher):
+        h = M.final_hidden(model, batch.input_ids.to(dev), batch.attention_mask.to(dev))
+        valid = batch.valid.to(dev)
+        rows, labels = h[valid], batch.labels.to(dev)[valid]
+        for lo in range(0, len(rows), chunk):
+            logits = F.linear(rows[lo : lo + chunk], w, b).float()
+            total += float(F.cross_entropy(logits, labels[lo : lo + chunk], reduction="sum"))
+        count += len(rows)
+    model.train(was)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _lr(step: int, cfg: LMTrain) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / (cfg.warmup + 1)
+    frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def _optimizer(model, cfg: LMTrain):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
+        lr=cfg.lr,
+        betas=(0.9, cfg.beta2),
+    )
+
+
+@torch.no_grad()
+def sample_continuations(model, prompts: Tensor, gen_tokens: int, temperature: float, seed: int):
+    """Sampled continuations ``(B, P + G)`` of ``prompts (B, P)`` (no padding)."""
+    was = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = M.unwrap(model).generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=True,
+            max_new_tokens=gen_tokens,
+            min_new_tokens=gen_tokens,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=M.unwrap(model).config.eos_token_id,
+        )
+    model.train(was)
+    return out
+
+
+def _continuation_batch(seq: Tensor, n_prompt: int) -> LMBatch:
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    y[:, : n_prompt - 1] = IGNORE
+    return LMBatch(x, torch.ones_like(x), y)
+
+
+class Trainer:
+    """One model's training run in ``folder`` (teacher pre-training or a student)."""
+
+    def __init__(
+        self,
+        model,
+        tok,
+        data: Data,
+        cfg: LMTrain,
+        dist: DistillSpec,
+        folder: Path,
+        teacher=None,
+        seqkd: Tensor | None = None,
+        desc: str = "train",
+    ):
+        self.model, self.tok, self.data, self.cfg, self.dist = model, tok, data, cfg, dist
+        self.folder, self.teacher, self.seqkd, self.desc = folder, teacher, seqkd, desc
+        self.dev = next(model.parameters()).device
+        ls = dist.loss
+        if dist.mode in ("none", "seqkd"):
+            self.spec = TokenLoss(kd_weight=0.0, ce_weight=1.0)
+        else:
+            self.spec = TokenLoss(
+                ls.kind, ls.temperature, ls.beta, ls.skew, ls.kd_weight, ls.ce_weight
+            )
+        # on-policy batches have no ground truth: the divergence alone
+        self.on_policy_spec = TokenLoss(ls.kind, ls.temperature, ls.beta, ls.skew, 1.0, 0.0)
+        self.autocast = cfg.dtype == "bf16"
+
+    def _step_batches(self, step: int):
+        cfg, d = self.cfg, self.dist
+        batches, gen = self.data.batches(cfg.seed, step, cfg.batch_size, cfg.grad_accum)
+        on_policy = False
+        if self.seqkd is not None:
+            rows = torch.randint(
+                0, len(self.seqkd), (cfg.batch_size * cfg.grad_accum,), generator=gen
+            )
+            batches = [
+                (_continuation_batch(self.seqkd[r], d.prompt_tokens), None)
+                for r in rows.split(cfg.batch_size)
+            ]
+        elif d.mode == "gkd" and float(torch.rand((), generator=gen)) < d.lmbda:
+            on_policy = True
+            new = []
+            for m, (b, _) in enumerate(batches):
+                prompts = b.input_ids[:, : d.prompt_tokens].to(self.dev)
+                seq = sample_continuations(
+                    self.model,
+                    prompts,
+                    d.gen_tokens,
+                    d.sample_temperature,
+                    seed=cfg.seed * 1_000_003 + step * 17 + m,
+                )
+                new.append((_continuation_batch(seq.cpu(), d.prompt_tokens), None))
+            batches = new
+        return batches, on_policy
+
+    def _micro(self, s: LMBatch, t: LMBatch | None, spec: TokenLoss, norm: int, parts: dict):
+        dev = self.dev
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+            h = M.final_hidden(self.model, s.input_ids.to(dev), s.attention_mask.to(dev))
+            valid = s.valid.to(dev)
+            rows, labels = h[valid], s.labels.to(dev)[valid]
+            target = None
+            if self.teacher is not None and spec.kd_weight > 0:
+                tb = t if t is not None else s
+                with torch.no_grad():
+                    th = M.final_hidden(
+                        self.teacher, tb.input_ids.to(dev), tb.attention_mask.to(dev)
+                    )[tb.valid.to(dev)]
+                if th.shape[0] != rows.shape[0]:
+                    raise DKError(
+                        f"teacher and student batches have {th.shape[0]} and {rows.shape[0]} "
+                        "labelled positions; they must render the same response tokens"
+                    )
+                tw, tbias = M.head(self.teacher)
+
+                def target(lo, hi, th=th, tw=tw, tbias=tbias):
+                    with torch.no_grad():
+                        return F.linear(th[lo:hi], tw, tbias)
+
+            loss = chunked_head_loss(
+                rows,
+                *M.head(self.model),
+                spec,
+                labels=labels,
+                teacher=target,
+                normalizer=norm,
+                chunk=self.dist.chunk,
+                parts=parts,
+            )
+        loss.backward()
+        return float(loss.detach())
+
+    def fit(self, resume: bool) -> dict:
+        cfg, folder, model = self.cfg, self.folder, self.model
+        folder.mkdir(parents=True, exist_ok=True)
+        opt = _optimizer(model, cfg)
+        step, metrics_offset, resumed_from, wall_before = 0, 0, 0, 0.0
+        ckpt = folder / CKPT
+        if resume and ckpt.exists():
+            state = torch.load(ckpt, weights_only=True, map_location=self.dev)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            step = resumed_from = int(state["step"])
+            metrics_offset = int(state["metrics_bytes"])
+            wall_before = float(state.get("wall_s", 0.0))
+        log = _MetricsLog(folder / "metrics.jsonl", metrics_offset, resume)
+        if resumed_from:
+            log.write({"event": "resume", "step": step})
+        model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=cfg.steps, initial=step, desc=self.desc, file=sys.stderr, leave=False,
+            disable=None, dynamic_ncols=True,
+        )  # fmt: skip
+        run = None
+        n_on_policy = 0
+        while step < cfg.steps:
+            lr = _lr(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batches, on_policy = self._step_batches(step)
+            n_on_policy += on_policy
+            spec = self.on_policy_spec if on_policy else self.spec
+            norm = sum(b.n_valid for b, _ in batches)
+            opt.zero_grad(set_to_none=True)
+            parts: dict = {}
+            loss = sum(self._micro(s, t, spec, norm, parts) for s, t in batches)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            run = loss if run is None else 0.95 * run + 0.05 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{run:.4f}")
+            rec = None
+            if step % 50 == 0 or step == cfg.steps:
+                rec = {"step": step, "loss": loss, "lr": lr, "on_policy": on_policy}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec = (rec or {"step": step}) | {"val_loss": val_loss(model, self.data)}
+            if rec:
+                log.write(rec)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                wall = wall_before + time.perf_counter() - t0
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "metrics_bytes": log.tell(),
+                    "wall_s": wall,
+                }
+                torch.save(state, ckpt.with_suffix(".tmp"))
+                os.replace(ckpt.with_suffix(".tmp"), ckpt)
+        bar.close()
+        log.close()
+        wall = wall_before + time.perf_counter() - t0
+        vl = val_loss(model, self.data)
+        return {
+            "val_loss": vl,
+            "steps": step,
+            "resumed_from": resumed_from,
+            "wall_s": wall,
+            "on_policy_steps_this_process": n_on_policy,
+        }
+
+
+def save_model(model, tok, folder: Path) -> Path:
+    """save_pretrained + tokenizer; a LoRA student is merged first (servable as is)."""
+    m = model
+    if hasattr(m, "merge_and_unload"):
+        m = m.merge_and_unload()
+    return hfio.save_pretrained(m, folder, tok)
+
+
+def _finish(trainer: Trainer, result: dict, folder: Path) -> dict:
+    path = save_model(trainer.model, trainer.tok, folder / "model")
+    result["model"] = str(path)
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    (folder / CKPT).unlink(missing_ok=True)
+    return result
+
+
+# ---------------------------------------------------------------- phases
+
+
+def teacher_phase(recipe: LMRecipe, tok, data: Data, out: Path, resume: bool):
+    """A teacher trained here once (plain CE), or loaded when already trained."""
+    tc = recipe.teacher
+    dev = _device()
+    folder = out / "teacher"
+    done = folder / "result.json"
+    if done.exists():
+        model = hfio.load_model(folder / "model", "AutoModelForCausalLM").to(dev).eval()
+        return model, json.loads(done.read_text())
+    model = build_model(tc.model, tok, tc.train.seed, tc.train.dropout).to(dev)
+    tr = Trainer(model, tok, data, tc.train, DistillSpec(mode="none"), folder, desc="teacher")
+    res = _finish(tr, tr.fit(resume), folder)
+    return model.eval(), res
+
+
+def seqkd_data(recipe: LMRecipe, teacher, data: Data, folder: Path) -> Tensor:
+    """Teacher continuations of training prompts, generated once (resumable in parts)."""
+    d = recipe.distill
+    folder.mkdir(parents=True, exist_ok=True)
+    parts, per = [], 64
+    gen = torch.Generator().manual_seed(recipe.seed + 12345)
+    offsets = data.text.offsets(gen, d.seqkd_sequences)
+    dev = next(teacher.parameters()).device
+    for i in range(0, d.seqkd_sequences, per):
+        f = folder / f"part-{i // per:05d}.pt"
+        if f.exists():
+            parts.append(torch.load(f, weights_only=True))
+            continue
+        b = data.text.batch_at(offsets[i : i + per])
+        seq = sample_continuations(
+            teacher, b.input_ids[:, : d.prompt_tokens].to(dev), d.gen_tokens,
+            d.sample_temperature, seed=recipe.seed * 31 + i,
+        ).cpu()  # fmt: skip
+        torch.save(seq, f.with_suffix(".tmp"))
+        os.replace(f.with_suffix(".tmp"), f)
+        parts.append(seq)
+    return torch.cat(parts)
+
+
+def student_phase(recipe, seed, s_tok, data, teacher, folder: Path, resume: bool, seqkd=None):
+    done = folder / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    dev = _device()
+    cfg = recipe.train.model_copy(update={"seed": seed})
+    model = build_model(recipe.student.model, s_tok, seed, cfg.dropout)
+    if recipe.student.lora is not None:
+        model = apply_lora(model, recipe.student.lora, seed)
+    model = model.to(dev)
+    tr = Trainer(
+        model, s_tok, data, cfg, recipe.distill, folder, teacher=teacher, seqkd=seqkd,
+        desc=f"student seed {seed}",
+    )  # fmt: skip
+    res = tr.fit(resume)
+    res["trainable_params"] = M.param_count(model, trainable=True)
+    res["params"] = M.param_count(model)
+    res["seed"] = seed
+    return _finish(tr, res, folder)
+
+
+def run_lm_recipe(
+    recipe: LMRecipe,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    seeds: list[int] | None = None,
+) -> str:
+    out = Path(out).resolve()
+    prepare_run_dir(out, recipe, resume, force)
+    s_tok, t_tok, text = load_tokenizers(recipe)
+    data = Data(recipe, s_tok, t_tok, text)
+    dev = _device()
+    # ---- pre-flight, before any training (a teacher trained here: its architecture)
+    teacher, t_info, probe_t = None, {}, None
+    if recipe.teacher is not None:
+        if recipe.teacher.train is None:
+            teacher = build_model(recipe.teacher.model, t_tok, 0).eval()
+            t_info = {"source": str(recipe.teacher.model.path)}
+            probe_t = teacher
+        else:
+            probe_t = build_model(recipe.teacher.model, t_tok, 0)
+    probe_s = build_model(recipe.student.model, s_tok, 0)
+    info = preflight(
+        probe_t,
+        t_tok,
+        probe_s,
+        s_tok,
+        max_length=data.max_length,
+        batch=recipe.train.batch_size,
+        chunk=recipe.distill.chunk,
+        chat=data.chat,
+        bytes_per=2 if recipe.train.dtype == "bf16" else 4,
+    )
+    (out / "preflight.json").write_text(json.dumps(info, indent=2))
+    del probe_s, probe_t
+    if recipe.teacher is not None and teacher is None:
+        teacher, t_info = teacher_phase(recipe, t_tok, data, out, resume)
+    report: dict = {"name": recipe.name, "mode": recipe.distill.mode, "preflight": info}
+    if teacher is not None:
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        t_info = dict(t_info)
+        if "val_loss" not in t_info:
+            t_info["val_loss"] = val_loss(teacher, data, teacher=True)
+        report["teacher"] = t_info
+        teacher.to(dev)
+    seqkd = None
+    if recipe.distill.mode == "seqkd":
+        seqkd = seqkd_data(recipe, teacher, data, out / "seqkd")
+    use_teacher = teacher if recipe.distill.mode in ("token", "gkd") else None
+    seed_list = seeds if seeds is not None else [recipe.seed]
+    students = {}
+    for s in seed_list:
+        folder = out / "student" if seeds is None else out / f"seed_{s}" / "student"
+        students[str(s)] = student_phase(recipe, s, s_tok, data, use_teacher, folder, resume, seqkd)
+    report["students"] = students
+    vals = [r["val_loss"] for r in students.values()]
+    report["student_val_loss"] = {
+        "mean": statistics.fmean(vals),
+        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "n": len(vals),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return format_report(report, out)
+
+
+def format_report(report: dict, out: Path) -> str:
+    lines = [f"{report['name']} ({report['mode']}): {out}"]
+    if "teacher" in report:
+        lines.append(f"  teacher val loss  {report['teacher']['val_loss']:.4f}")
+    for s, r in report["students"].items():
+        lines.append(
+            f"  student seed {s:>3}  val loss {r['val_loss']:.4f}  "
+            f"({r['steps']} steps, {r['wall_s']:.0f} s)  → {r['model']}"
+        )
+    sv = report["student_val_loss"]
+    if sv["n"] > 1:
+        lines.append(f"  student mean {sv['mean']:.4f} ± {sv['sd']:.4f} (sd, n={sv['n']})")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""The ``causal_lm`` recipe family: strict pydantic models, unknown keys refused.
+
+::
+
+    family: causal_lm
+    name: shakespeare_char_fkl
+    data: {kind: text, path: ../../../shared/data/tinyshakespeare/input.txt, block_size: 64}
+    tokenizer: {kind: char}            # or {kind: path, path: ../../../shared/data/tokenizers/gpt2}
+    teacher:                           # trained here first with plain CE when `train` is set
+      model: {tiny: tiny-gpt2, config: {n_layer: 4, n_head: 4, n_embd: 128}}
+      train: {steps: 2000, batch_size: 12, lr: 1.0e-3}
+    student:
+      model: {tiny: tiny-gpt2, config: {n_layer: 2, n_head: 4, n_embd: 64}}
+    train: {steps: 2000, batch_size: 12, lr: 1.0e-3}
+    distill: {mode: token, loss: {kind: forward_kl}}
+
+Models come from a local folder (``path``) or a tiny GPT-2 / LLaMA built from a config
+by registry name (``tiny``, see :data:`darkknowledge.hf.io.TINY`); the vocabulary size
+of a tiny model is the tokenizer's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import ExistingPath, Fraction, PosFloat, PosInt, Strict
+
+NonNeg = Annotated[float, Field(ge=0.0)]
+
+
+class TinyModel(Strict):
+    tiny: Literal["tiny-gpt2", "tiny-llama"]
+    config: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+
+class PathModel(Strict):
+    path: ExistingPath
+
+
+ModelSpec = TinyModel | PathModel
+
+
+class TextData(Strict):
+    """Plain text cut into blocks: the first ``1 − val_fraction`` of the tokens train,
+    the rest validates (random blocks for training, consecutive ones for validation)."""
+
+    kind: Literal["text"]
+    path: ExistingPath
+    block_size: PosInt = 64
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    val_blocks: PosInt | None = 200  # validate on at most this many blocks (None: all)
+
+
+class ChatData(Strict):
+    """Prompt/response JSONL, rendered with each model's own chat template; the loss is
+    on the response tokens only."""
+
+    kind: Literal["chat"]
+    train: ExistingPath
+    val: ExistingPath | None = None  # default: the last val_fraction of train
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    max_length: PosInt = 512
+
+
+DataSpec = Annotated[TextData | ChatData, Field(discriminator="kind")]
+
+
+class TokenizerSpec(Strict):
+    """``char``: a character-level tokenizer of the text data; ``path``: a folder (a
+    model's, or GPT-2 BPE vocab.json + merges.txt). Without it each model folder's own
+    tokenizer is used."""
+
+    kind: Literal["char", "path"]
+    path: ExistingPath | None = None
+
+    @model_validator(mode="after")
+    def _path(self):
+        if self.kind == "path" and self.path is None:
+            raise ValueError("tokenizer kind 'path' needs path: FOLDER")
+        if self.kind == "char" and self.path is not None:
+            raise ValueError("tokenizer kind 'char' takes no path (it is built from the data)")
+        return self
+
+
+class LMTrain(Strict):
+    steps: PosInt = 2000
+    batch_size: PosInt = 12
+    grad_accum: PosInt = 1
+    lr: PosFloat = 1e-3
+    min_lr: NonNeg = 1e-4
+    warmup: Annotated[int, Field(ge=0)] = 100
+    weight_decay: NonNeg = 0.1
+    beta2: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
+    grad_clip: PosFloat | None = 1.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    eval_every: PosInt = 250
+    checkpoint_every: PosInt = 250
+    seed: int = 0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+class LoraSpec(Strict):
+    r: PosInt = 8
+    alpha: PosFloat = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
+class TeacherSpec(Strict):
+    model: ModelSpec
+    train: LMTrain | None = None  # set: train it here first (plain CE), then distil
+
+    @model_validator(mode="after")
+    def _trainable(self):
+        if isinstance(self.model, TinyModel) and self.train is None:
+            raise ValueError(
+                "a tiny teacher starts from random weights: give teacher.train to train it "
+                "first, or teacher.model.path for a trained one"
+            )
+        return self
+
+
+class StudentSpec(Strict):
+    model: ModelSpec
+    lora: LoraSpec | None = None
+
+
+class LossSpec(Strict):
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl"] = "forward_kl"
+    temperature: PosFloat = 1.0
+    beta: Fraction = 0.5
+    skew: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    kd_weight: NonNeg = 1.0
+    ce_weight: NonNeg = 0.0
+
+
+class DistillSpec(Strict):
+    """``none``: plain CE (the baseline); ``token``: token-level KD on the data;
+    ``gkd``: a fraction ``lmbda`` of the batches are student-sampled continuations scored
+    by the teacher (Agarwal et al. 2024), β (``loss.beta``, kind jsd) picks the divergence;
+    ``seqkd``: CE on teacher-generated text (Kim & Rush 2016)."""
+
+    mode: Literal["none", "token", "gkd", "seqkd"] = "token"
+    loss: LossSpec = LossSpec()
+    chunk: PosInt = 1024  # token positions per LM-head chunk
+    lmbda: Fraction = 0.5  # gkd: fraction of on-policy batches
+    prompt_tokens: PosInt = 16  # gkd/seqkd on text data: prompt length taken from a block
+    gen_tokens: PosInt = 48  # gkd/seqkd: tokens sampled per continuation
+    sample_temperature: PosFloat = 1.0
+    seqkd_sequences: PosInt = 2048  # seqkd: teacher continuations generated once
+
+
+class LMRecipe(Strict):
+    name: str = "lm"
+    seed: int = 0
+    data: DataSpec
+    tokenizer: TokenizerSpec | None = None
+    teacher: TeacherSpec | None = None
+    student: StudentSpec
+    train: LMTrain = LMTrain()
+    distill: DistillSpec = DistillSpec(mode="none")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        mode = self.distill.mode
+        if mode != "none" and self.teacher is None:
+            raise ValueError(f"distill.mode {mode!r} needs a teacher: section")
+        if self.tokenizer is not None and self.tokenizer.kind == "char":
+            if not isinstance(self.data, TextData):
+                raise ValueError("tokenizer kind 'char' needs text data (data.kind: text)")
+        models = [self.student.model] + ([self.teacher.model] if self.teacher else [])
+        if self.tokenizer is None and any(isinstance(m, TinyModel) for m in models):
+            raise ValueError("a tiny model needs a tokenizer: section (char or path)")
+        if mode == "gkd" and not isinstance(self.data, TextData):
+            raise ValueError("distill.mode 'gkd' runs on text data in this version")
+        if mode == "seqkd" and not isinstance(self.data, TextData):
+            raise ValueError("distill.mode 'seqkd' runs on text data in this version")
+        if isinstance(self.data, TextData) and mode in ("gkd", "seqkd"):
+            d = self.distill
+            if d.prompt_tokens + d.gen_tokens > self.data.block_size + 1:
+                raise ValueError(
+                    f"distill.prompt_tokens + gen_tokens ({d.prompt_tokens + d.gen_tokens}) "
+                    f"must be ≤ data.block_size + 1 ({self.data.block_size + 1})"
+                )
+        return self
