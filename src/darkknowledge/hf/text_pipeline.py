@@ -241,10 +241,10 @@ class _Trainer:
     def run(self, resume: bool) -> dict:
         self.work.mkdir(parents=True, exist_ok=True)
         if self.ckpt.exists() and resume:
-            self._load()
+            self._load()  # restores the RNG too: dropout continues as if never stopped
         else:
             self.metrics.unlink(missing_ok=True)
-        torch.manual_seed(self.seed + 17 * self.step)
+            torch.manual_seed(self.seed)
         running, count, t0 = 0.0, 0, time.perf_counter()
         while self.step < self.total:
             self.model.train()
@@ -544,7 +544,7 @@ def student_stage(
         init=recipe.variant_init(v),
         loss=loss_cfg.model_dump(exclude_none=True),
         fit=fit,
-        teacher_signals="online" if online else ("store" if store else "none"),
+        teacher_signals=("none" if not loss_cfg.needs_teacher else "online" if online else "store"),
     )
     _write_json(done, res)
     (work / "ckpt.pt").unlink(missing_ok=True)
