@@ -290,13 +290,21 @@ class _Trainer:
 # ------------------------------------------------------------------ stages
 
 
-def _data(recipe: TextRecipe):
+def _data(recipe: TextRecipe, splits=None):
     d = recipe.data
-    kw = {"text_key": d.text_key, "label_key": d.label_key}
-    train = read_split(d.path / d.train, **kw).subset(d.train_subset, d.subset_seed)
-    dev = read_split(d.path / d.dev, **kw).subset(d.dev_subset, d.subset_seed)
-    test = read_split(d.path / d.test, **kw).subset(d.test_subset, d.subset_seed)
-    return train, dev, test
+    if splits is None:
+        if d.path is None:
+            raise DKError("data.path: a folder with the split files is needed (or pass splits)")
+        kw = {"text_key": d.text_key, "label_key": d.label_key}
+        splits = [read_split(d.path / f, **kw) for f in (d.train, d.dev, d.test)]
+    if len(splits) != 3 or any(s.labels is None for s in splits):
+        raise DKError("splits: three labelled TextSplits are needed (train, dev, test)")
+    train, dev, test = splits
+    return (
+        train.subset(d.train_subset, d.subset_seed),
+        dev.subset(d.dev_subset, d.subset_seed),
+        test.subset(d.test_subset, d.subset_seed),
+    )
 
 
 def _finetune_teacher(recipe, model, tok, enc, out: Path, resume: bool) -> dict:
@@ -594,6 +602,8 @@ def _summary(rows: list[dict]) -> dict:
         "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
         "dev_acc": [100 * r["dev_accuracy"] for r in rows],
         "agreement": statistics.mean(100 * r["test"].get("teacher_agreement", 0) for r in rows),
+        "nll": statistics.mean(r["test"]["nll"] for r in rows),
+        "ece": statistics.mean(r["test"]["ece"] for r in rows),
         "init": rows[0]["init"],
         "loss": rows[0]["loss"],
         "train_wall_s": [r["fit"]["train_wall_s"] for r in rows],
@@ -603,14 +613,16 @@ def _summary(rows: list[dict]) -> dict:
 def report_table(rep: dict) -> str:
     t = rep["teacher"]
     head = (
-        f"{'model':<16} {'test acc %':>16} {'% of teacher':>12} {'params':>11} {'MB':>6} "
+        f"{'model':<16} {'test acc %':>16} {'% of teacher':>12} {'agree %':>7} {'NLL':>6} "
+        f"{'ECE':>6} {'params':>11} {'MB':>6} "
         f"{'ms@b1':>7} {'ms@b32':>7} {'speed-up b1/b32':>15}"
     )
     lines = [head, "-" * len(head)]
     sp = rep.get("speed", {})
     ts, ss = sp.get("teacher"), sp.get("student")
     lines.append(
-        f"{'teacher':<16} {100 * t['test_accuracy']:>16.2f} {100.0:>12.1f} {rep['size']['teacher']['params']:>11,d} "
+        f"{'teacher':<16} {100 * t['test_accuracy']:>16.2f} {100.0:>12.1f} {'-':>7} "
+        f"{t['test']['nll']:>6.3f} {t['test']['ece']:>6.3f} {rep['size']['teacher']['params']:>11,d} "
         f"{rep['size']['teacher']['bytes'] / 1e6:>6.1f} "
         + (f"{ts['b1_ms']:>7.2f} {ts['b32_ms']:>7.1f} {'1.00x / 1.00x':>15}" if ts else "")
     )
@@ -624,7 +636,8 @@ def report_table(rep: dict) -> str:
                 f"{ts['b1_ms'] / ss['b1_ms']:>6.2f}x / {ts['b32_ms'] / ss['b32_ms']:.2f}x"
             )
         lines.append(
-            f"{name:<16} {acc:>16} {keep:>12.1f} {rep['size']['student']['params']:>11,d} "
+            f"{name:<16} {acc:>16} {keep:>12.1f} {s['agreement']:>7.1f} {s['nll']:>6.3f} "
+            f"{s['ece']:>6.3f} {rep['size']['student']['params']:>11,d} "
             f"{rep['size']['student']['bytes'] / 1e6:>6.1f} {spd}"
         )
     return "\n".join(lines)
@@ -663,7 +676,11 @@ def run_text_recipe(
     resume: bool = False,
     force: bool = False,
     seeds: list[int] | None = None,
+    splits=None,
 ) -> str:
+    """Run a text recipe into ``out``; returns the report table. ``splits`` (train, dev,
+    test) :class:`~darkknowledge.hf.text_data.TextSplit` replaces the files named in
+    ``data`` (from Python: ``from_datasets(load_dataset(...)["train"])``)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (resume or force):
         raise DKError(f"{out}: exists and is not empty; use --resume to continue or --force")
@@ -675,7 +692,7 @@ def run_text_recipe(
     seeds = seeds or recipe.seeds
     _write_json(out / "config.json", recipe.model_dump(mode="json") | {"run_seeds": seeds})
     t_start = time.perf_counter()
-    splits = _data(recipe)
+    splits = _data(recipe, splits)
     teacher, tok, enc, t_res = teacher_stage(recipe, out, splits, resume)
     enc["student_train"] = enc["train"].subset(recipe.train.examples, recipe.train.examples_seed)
     for p in teacher.parameters():
@@ -708,7 +725,7 @@ def run_text_recipe(
             "dev": len(splits[1]),
             "test": len(splits[2]),
             "max_length": recipe.data.max_length,
-            "path": str(recipe.data.path),
+            "path": str(recipe.data.path or "python"),
         },
         "teacher": t_res,
         "teacher_layers": n_t,

@@ -23,7 +23,9 @@ TEACHER_SOURCES = ("minilm-l6",)
 
 
 class TextData(Strict):
-    path: ExistingPath  # folder holding the split files
+    # folder holding the split files; None when the splits come from Python
+    # (``run_text_recipe(..., splits=(train, dev, test))``, e.g. from ``from_datasets``)
+    path: ExistingPath | None = None
     train: str = "train.tsv"
     dev: str = "dev.tsv"
     test: str = "test.tsv"
