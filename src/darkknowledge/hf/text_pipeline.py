@@ -448,7 +448,16 @@ def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
 
 
 def student_stage(
-    recipe: TextRecipe, run: Path, v: Variant, seed: int, teacher, tok, enc, store, resume: bool
+    recipe: TextRecipe,
+    run: Path,
+    v: Variant,
+    seed: int,
+    teacher,
+    tok,
+    enc,
+    store,
+    resume: bool,
+    teacher_test_logits: Tensor | None = None,
 ) -> dict:
     work = run / "students" / v.name / f"seed{seed}"
     done = work / "result.json"
@@ -534,8 +543,7 @@ def student_stage(
         f"{v.name}/seed{seed}",
     )
     fit = tr.run(resume)
-    t_test = predict(teacher, enc["test"])
-    res = _evaluate_model(student, enc, t_test)
+    res = _evaluate_model(student, enc, teacher_test_logits)
     model_dir = work / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -698,19 +706,20 @@ def run_text_recipe(
     for p in teacher.parameters():
         p.requires_grad_(False)
     store = signals_stage(recipe, out, teacher, tok, enc, force=False)
+    t_test = predict(teacher, enc["test"])  # the students' agreement with the teacher
     results: dict[str, list[dict]] = {}
     for s in seeds:  # every variant once before the second seed: early results are complete
         for v in recipe.variants:
             if v.seeds is not None and s not in v.seeds:
                 continue
             results.setdefault(v.name, []).append(
-                student_stage(recipe, out, v, s, teacher, tok, enc, store, resume=True)
+                student_stage(recipe, out, v, s, teacher, tok, enc, store, True, t_test)
             )
     for v in recipe.variants:  # seeds only this variant runs
         for s in v.seeds or []:
             if s not in seeds:
                 results.setdefault(v.name, []).append(
-                    student_stage(recipe, out, v, s, teacher, tok, enc, store, resume=True)
+                    student_stage(recipe, out, v, s, teacher, tok, enc, store, True, t_test)
                 )
     n_t = num_layers(teacher)
     layers = recipe.student.layers or every_other(n_t)
