@@ -201,3 +201,12 @@ def test_smoke_recipe_end_to_end(tmp_path, capsys):
     # and a fresh run without --resume or --force is refused in one line
     assert main(["run", str(SMOKE), "--out", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_bad_teacher_source_and_layer_map_are_one_line(tmp_path, capsys):
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "a"), "teacher.source=/no/model"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "/no/model" in err and "Traceback" not in err
+    bad_map = "loss.cosine.layer_map={9: 4}"
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "b"), bad_map]) == 2
+    assert "cosine.layer_map: 9→4 out of range" in capsys.readouterr().err
