@@ -72,7 +72,11 @@ def test_recipe_refuses_unknown_keys_and_empty_losses():
 
 def test_smoke_recipe_validates():
     name, recipe, _ = load_family_recipe(SMOKE)
-    assert name == "text" and [v.name for v in recipe.variants][0] == "distilled"
+    assert name == "text" and [v.name for v in recipe.variants] == [
+        "distilled",
+        "plain",
+        "random-init",
+    ]
 
 
 def test_sst2_tsv_and_jsonl(tmp_path):
