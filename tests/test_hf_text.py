@@ -214,3 +214,19 @@ def test_bad_teacher_source_and_layer_map_are_one_line(tmp_path, capsys):
     bad_map = "loss.cosine.layer_map={9: 4}"
     assert main(["run", str(SMOKE), "--out", str(tmp_path / "b"), bad_map]) == 2
     assert "cosine.layer_map: 9→4 out of range" in capsys.readouterr().err
+
+
+def test_token_cosine_and_attention_run_the_teacher_online(tmp_path):
+    out = tmp_path / "run"
+    variant = (
+        "variants=[{name: online, loss: {soft: {weight: 1}, "
+        "cosine: {pool: tokens, layer_map: {1: 2, 2: 4}}, attention: {layer_map: {2: 4}}}}]"
+    )
+    assert main(["run", str(SMOKE), "--out", str(out), variant, "eval.speed=false"]) == 0
+    res = json.loads((out / "students" / "online" / "seed0" / "result.json").read_text())
+    assert res["teacher_signals"] == "online" and not (out / "signals").exists()
+    losses = [
+        json.loads(line)["train_loss"]
+        for line in (out / "students/online/seed0/metrics.jsonl").open()
+    ]
+    assert all(x == x and x > 0 for x in losses)  # finite, positive

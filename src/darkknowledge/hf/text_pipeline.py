@@ -418,8 +418,9 @@ def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
     from ..store.fingerprint import json_digest
     from ..teachers import ModuleTeacher
 
-    if not any(recipe.variant_loss(v).needs_teacher for v in recipe.variants):
-        return None
+    losses = [recipe.variant_loss(v) for v in recipe.variants]
+    if not any(loss.needs_teacher and not loss.online_teacher for loss in losses):
+        return None  # nothing a store would serve
     taps = _taps(recipe, num_layers(teacher))
     tap = _Tap(teacher, tok.pad_token_id, taps)
     where = recipe.signals_dir or (run / "signals")
