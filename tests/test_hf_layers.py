@@ -104,6 +104,13 @@ def test_width_mismatch_is_a_clear_error():
     assert "\n" not in str(e.value)
 
 
+def test_an_impossible_student_config_is_one_line():
+    teacher = build_tiny("tiny-bert", "AutoModel")
+    with pytest.raises(DKError, match="cannot build the student") as e:
+        student_from_teacher(teacher, [0, 2], hidden_size=30)  # not a multiple of 4 heads
+    assert "\n" not in str(e.value)
+
+
 def test_intermediate_size_mismatch_names_the_tensor():
     teacher = build_tiny("tiny-bert", "AutoModelForMaskedLM")
     other = build_tiny(

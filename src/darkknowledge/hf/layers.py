@@ -198,10 +198,15 @@ def student_from_teacher(
     cfg = student_config(teacher, len(layers), **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if auto_class is None:
-            student = type(teacher)(cfg)
-        else:
-            student = _auto(auto_class).from_config(cfg)
+        try:
+            student = (
+                type(teacher)(cfg) if auto_class is None else _auto(auto_class).from_config(cfg)
+            )
+        except (ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DKError(
+                f"layers: cannot build the student from the teacher's config: {first}"
+            ) from None
     student.to(next(teacher.parameters()).dtype)
     if init == "teacher":
         copy_layers(student, teacher, layers)
