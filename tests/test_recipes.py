@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from darkknowledge.recipe_io import load_recipe
+from darkknowledge.families import load_family_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml")) + sorted((ROOT / "recipes").rglob("*.yml"))
@@ -18,5 +18,5 @@ def test_recipes_exist():
 def test_recipe_validates(path):
     if "fashion" in path.name and not Path("/usr/share/datasets/fashion-mnist").exists():
         pytest.skip("Debian package dataset-fashion-mnist not installed")
-    recipe, _ = load_recipe(path)
+    _, recipe, _ = load_family_recipe(path)  # any family (classify, text, ...)
     assert recipe.student is not None
