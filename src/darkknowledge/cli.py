@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     si = st_sub.add_parser("info", help="manifest, examples, bytes, bytes per example/token")
     si.add_argument("path")
     si.add_argument("--json", action="store_true", help="print the facts as JSON")
+    sa = st_sub.add_parser(
+        "from-api",
+        help="turn the top_logprobs that dk generate captured into a top-k + tail store",
+    )
+    sa.add_argument("results", help="results.jsonl of a dk generate run (with top_logprobs)")
+    sa.add_argument("--tokenizer", required=True, help="the tokenizer teacher and student share")
+    sa.add_argument("--out", required=True, help="store folder")
+    sa.add_argument("--samples", choices=["all", "correct"], default="all")
+    sa.add_argument("--force", action="store_true", help="rewrite an existing store")
 
     rep = sub.add_parser("report", help="print a finished run's report (and re-draw its plots)")
     rep.add_argument("run_dir")
@@ -199,6 +208,19 @@ def _dispatch_one(args) -> int:
         from .store import open_store
         from .store.info import format_info
 
+        if args.store_cmd == "from-api":
+            from .blackbox.logprob_store import logprobs_to_store
+            from .hf.io import load_tokenizer
+
+            store = logprobs_to_store(
+                args.results,
+                args.out,
+                load_tokenizer(args.tokenizer),
+                samples=args.samples,
+                force=args.force,
+            )
+            print(format_info(store.info()))
+            return 0
         info = open_store(args.path).info()
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0

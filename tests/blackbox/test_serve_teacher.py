@@ -177,3 +177,72 @@ def test_gsm8k_recipe_runs_with_a_tiny_model(served, tmp_path):
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert rows[0]["prompt"].startswith("Natalia sold clips")  # GSM8K train row 0
     assert rows[0]["samples"][0]["verdict"]["expected"] == "72"
+
+
+def test_api_logprobs_become_a_topk_store(served, teacher_dir, tmp_path):
+    """dk generate's captured top_logprobs → a top-k + tail store that matches the
+    served model's own log-probabilities, and that the sparse loss reads."""
+    import torch
+
+    from darkknowledge.blackbox.logprob_store import logprobs_to_store
+    from darkknowledge.errors import DKError
+    from darkknowledge.hf.io import load_model, load_tokenizer
+    from darkknowledge.losses import sparse_forward_kl
+    from darkknowledge.store import open_store
+
+    url, _ = served
+    rows = problems(3, 2)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = {
+        "prompts": {"path": str(prompts), "template": "Q: {question}\nA:"},
+        "teacher": {"base_url": url, "model": "tiny", "api": "chat", "max_top_logprobs": 5},
+        "sampling": {"n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 0, "top_logprobs": 5},
+        "select": {"keep": "all"},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["generate", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    tok = load_tokenizer(teacher_dir)
+    store = logprobs_to_store(tmp_path / "o" / "results.jsonl", tmp_path / "s", tok, dtype="fp16")
+    assert store.k == 5 and len(store) == 6 and store.tail_log_prior is None
+    sig = store.get(torch.arange(6))
+    # the stored top-5 are the served model's top-5 at each sampled position
+    model = load_model(teacher_dir, "AutoModelForCausalLM").eval()
+    first = json.loads((tmp_path / "o" / "results.jsonl").read_text().splitlines()[0])
+    sample = first["samples"][0]
+    text = served[1].chat_prompt([{"role": "user", "content": first["prompt"]}])
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    resp = [tok.encode(t["token"], add_special_tokens=False)[0]
+            for t in sample["logprobs"]["content"]]  # fmt: skip
+    with torch.no_grad():
+        full = torch.tensor([list(prompt_ids) + resp])
+        lp = torch.log_softmax(model(full).logits[0, len(prompt_ids) - 1 : -1].float(), -1)
+    want_lp, want_ids = lp.topk(5, -1)
+    n = len(resp)
+    assert torch.equal(sig.topk_ids[0, :n], want_ids)
+    assert torch.allclose(sig.topk_logprobs[0, :n], want_lp, atol=2e-3)
+    assert torch.allclose(sig.tail_mass[0, :n], 1 - want_lp.exp().sum(-1), atol=2e-3)
+    assert sig.mask[0, :n].all() and not sig.mask[0, n:].any()
+    loss = sparse_forward_kl(torch.zeros(6, sig.topk_ids.shape[1], len(tok)),
+                             sig.topk_ids, sig.topk_logprobs, sig.tail_mass, mask=sig.mask)  # fmt: skip
+    assert torch.isfinite(loss) and loss > 0
+    # the same from the command line (q8, correct samples only may be none: all here)
+    assert main(["store", "from-api", str(tmp_path / "o" / "results.jsonl"), "--tokenizer",
+                 str(teacher_dir), "--out", str(tmp_path / "s3")]) == 0  # fmt: skip
+    assert open_store(tmp_path / "s3").k == 5
+    # a tokenizer that splits the teacher's tokens is refused with one line
+    with pytest.raises(DKError, match="not one"):
+        logprobs_to_store(tmp_path / "o" / "results.jsonl", tmp_path / "s2", _SplitTok(tok))
+
+
+class _SplitTok:
+    """A tokenizer that encodes every string as two tokens."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, s, add_special_tokens=False):
+        return [0, 0]
+
+    def __len__(self):
+        return len(self.tok)
