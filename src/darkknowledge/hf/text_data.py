@@ -9,7 +9,6 @@ Labels are integers ``0 … C−1``.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DKError
+from ..jsonl import iter_objects
 
 TEXT_KEYS = ("sentence", "text")
 
@@ -97,22 +97,13 @@ def read_split(
                 if lk is not None:
                     labels.append(_label(row[lk], f"{path}:{n}"))
     elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DKError(f"{path}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DKError(f"{path}:{n}: expected an object per line")
-                tk = _text_key(list(obj), f"{path}:{n}", text_key)
-                texts.append(str(obj[tk]).strip())
-                if label_key is not None:
-                    if label_key not in obj:
-                        raise DKError(f"{path}:{n}: no key {label_key!r}")
-                    labels.append(_label(obj[label_key], f"{path}:{n}"))
+        for n, obj in iter_objects(path):
+            tk = _text_key(list(obj), f"{path}:{n}", text_key)
+            texts.append(str(obj[tk]).strip())
+            if label_key is not None:
+                if label_key not in obj:
+                    raise DKError(f"{path}:{n}: no key {label_key!r}")
+                labels.append(_label(obj[label_key], f"{path}:{n}"))
     else:
         raise DKError(f"{path}: unknown data format (expected .tsv or .jsonl)")
     if not texts:

@@ -9,7 +9,6 @@ tokens, the same tokens in the same order for both, so the loss pairs them row b
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DKError
+from ..jsonl import iter_objects
 
 IGNORE = -100
 
@@ -113,20 +113,11 @@ class TextBlocks:
 
 def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[str, str]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DKError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DKError(f"{path}:{i}: expected a JSON object per line")
-            for k in (prompt_key, response_key):
-                if not isinstance(rec.get(k), str):
-                    raise DKError(f"{path}:{i}: missing string field {k!r}")
-            rows.append((rec[prompt_key], rec[response_key]))
+    for i, rec in iter_objects(path):
+        for k in (prompt_key, response_key):
+            if not isinstance(rec.get(k), str):
+                raise DKError(f"{path}:{i}: missing string field {k!r}")
+        rows.append((rec[prompt_key], rec[response_key]))
     if not rows:
         raise DKError(f"{path}: no examples")
     return rows

@@ -58,10 +58,14 @@ def buckets(
     s_rest = s.scatter(-1, ids, _NEG)  # (..., V): top-k ids removed
     s_tail = torch.logsumexp(s_rest, dim=-1, keepdim=True)  # (..., 1)
     s_b = torch.cat([s_k, s_tail], dim=-1)  # (..., K+1)
+    return s_b, _teacher_buckets(logprobs, tail)
+
+
+def _teacher_buckets(logprobs: Tensor, tail: Tensor) -> Tensor:
+    """The teacher's K + 1 bucket log-probabilities ``(..., K+1)``, renormalised."""
     t_tail = _up(tail).clamp_min(1e-30).log().unsqueeze(-1)  # (..., 1)
     t_b = torch.cat([_up(logprobs), t_tail], dim=-1)  # (..., K+1)
-    t_b = t_b - torch.logsumexp(t_b, dim=-1, keepdim=True)
-    return s_b, t_b
+    return t_b - torch.logsumexp(t_b, dim=-1, keepdim=True)
 
 
 def sparse_forward_kl(
@@ -101,9 +105,7 @@ def _prior_kl(
     lp = _up(log_prior).to(s.device)
     lp = lp - torch.logsumexp(lp, dim=0)  # (V,) normalised
     pi = lp.exp()
-    # the teacher's K + 1 buckets, renormalised as in `buckets`
-    t_b = torch.cat([_up(logprobs), _up(tail).clamp_min(1e-30).log().unsqueeze(-1)], dim=-1)
-    t_b = t_b - torch.logsumexp(t_b, dim=-1, keepdim=True)
+    t_b = _teacher_buckets(logprobs, tail)
     t_k, log_tau = t_b[..., :-1], t_b[..., -1]  # (..., K), (...)
     tau = log_tau.exp()
     s_k = s.gather(-1, ids)  # (..., K)
