@@ -174,9 +174,12 @@ def test_gsm8k_recipe_runs_with_a_tiny_model(served, tmp_path):
     assert main(["run", str(recipe), "--out", str(out), *over]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["done"] == 3 and s["samples"] == 12 and s["rejection_rate"] == 1.0
-    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert rows[0]["prompt"].startswith("Natalia sold clips")  # GSM8K train row 0
-    assert rows[0]["samples"][0]["verdict"]["expected"] == "72"
+    # results.jsonl is append-only in completion order (requests run concurrently): look
+    # rows up by id, not by position.
+    rows = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert sorted(rows) == ["0", "1", "2"]
+    assert rows["0"]["prompt"].startswith("Natalia sold clips")  # GSM8K train row 0
+    assert rows["0"]["samples"][0]["verdict"]["expected"] == "72"
 
 
 def test_api_logprobs_become_a_topk_store(served, teacher_dir, tmp_path):
