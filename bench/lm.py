@@ -136,13 +136,25 @@ class GPT(nn.Module):
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
         self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)  # the output layer, tied to tok
+        self.head.weight = self.tok.weight
         nn.init.normal_(self.tok.weight, std=0.02)
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
         h = self.tok(idx) + self.pos(torch.arange(t))  # (B, T, D)
         h = self.ln_f(self.blocks(h))  # (B, T, D)
-        return h @ self.tok.weight.T  # (B, T, V), tied head
+        return self.head(h)  # (B, T, V)
+
+    def weights(self) -> dict[str, Tensor]:
+        """The state dict without the tied head (safetensors refuses shared tensors)."""
+        return {k: v.contiguous() for k, v in self.state_dict().items() if k != "head.weight"}
+
+    def load_weights(self, sd: dict[str, Tensor]) -> GPT:
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if unexpected or missing != ["head.weight"]:
+            raise KeyError(f"GPT weights: missing {missing}, unexpected {unexpected}")
+        return self
 
 
 def train_lm(model: GPT, x: Tensor, y: Tensor, steps: int, batch: int, lr: float, seed: int,

@@ -31,9 +31,7 @@ def main():
     log = lm.train_lm(model, x, y, a.steps, a.batch, 3e-3, seed=0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors")
-    )
+    save_file(model.weights(), str(out / "model.safetensors"))
     res = {"config": CONFIG, "steps": a.steps, "batch": a.batch, "train_s": time.perf_counter() - t0,
            "val_ce": lm.val_ce(model, vx[:128], vy[:128]), "log": log}  # fmt: skip
     (out / "train.json").write_text(json.dumps(res, indent=1))

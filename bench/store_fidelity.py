@@ -31,14 +31,17 @@ from darkknowledge.teachers import ModuleTeacher
 from lm_teacher import CONFIG
 
 CACHE = lm.ROOT / "bench" / ".cache"
-SETTINGS = [("dense", None, "fp16")] + [
-    ("topk", k, dt) for dt in ("fp16", "q8") for k in (8, 16, 32, 64, 96)
-]
+SETTINGS = (
+    [("dense", None, "fp16")]
+    + [("topk", k, dt) for dt in ("fp16", "q8") for k in (8, 16, 32, 64, 96)]
+    + [("head", None, dt) for dt in ("fp16", "bf16")]
+)
+BIG_STORE = 1_000_000  # tokens: the one-off bytes (prior, output layer) spread over a big store
 
 
 def load_teacher() -> lm.GPT:
     m = lm.GPT(**CONFIG)
-    m.load_state_dict(load_file(str(CACHE / "lm_teacher" / "model.safetensors")))
+    m.load_weights(load_file(str(CACHE / "lm_teacher" / "model.safetensors")))
     return m.eval()
 
 
@@ -57,6 +60,7 @@ def main():
         dense = torch.cat([teacher(x[i : i + 16]) for i in range(0, len(x), 16)])  # (N, T, V)
     p_log = F.log_softmax(dense.float(), -1)
     tok = files_digest(lm.GPT2Tokenizer().files)
+    corpus_tokens = len(lm.shakespeare_tokens())  # all of tinyshakespeare, GPT-2 BPE
     rows = []
     for signal, k, dtype in SETTINGS:
         out = CACHE / "fidelity" / f"{signal}{k or ''}_{dtype}"
@@ -72,6 +76,9 @@ def main():
         if signal == "dense":
             q_log = F.log_softmax(sig.logits, -1)
             tail = torch.zeros(())
+        elif signal == "head":  # the logits recomputed through the stored output layer
+            q_log = F.log_softmax(sig.logits, -1)
+            tail = torch.zeros(())
         else:
             args = (sig.topk_ids, sig.topk_logprobs, sig.tail_mass, dense.shape[-1])
             q_log = reconstruct(*args, sig.tail_log_prior)  # the store's reconstruction
@@ -80,15 +87,20 @@ def main():
             del q_even
             tail = sig.tail_mass
         kl = (p_log.exp() * (p_log - q_log)).sum(-1)  # (N, T)
-        prior_bytes = (store.manifest.get("tail_prior") or {}).get("bytes", 0)
+        once = store.manifest.get("tail_prior") or store.manifest.get("head") or {}
+        prior_bytes = once.get("bytes", 0)
+        per_token = (store.nbytes - prior_bytes) / store.num_positions
         row = {
             "signal": signal,
             "k": k,
             "dtype": dtype,
             "bytes_per_token": store.nbytes / store.num_positions,
-            # the prior is one (V,) fp16 vector per store: per token it shrinks with the store
+            # the prior (one (V,) fp16 vector) or the output layer ((V, H) once) is stored
+            # once per store: per token it shrinks as the store grows
             "prior_bytes": prior_bytes,
-            "bytes_per_token_without_prior": (store.nbytes - prior_bytes) / store.num_positions,
+            "bytes_per_token_without_prior": per_token,
+            "bytes_per_token_at_1M_tokens": per_token + prior_bytes / BIG_STORE,
+            "bytes_per_token_at_corpus": per_token + prior_bytes / corpus_tokens,
             "mean_kl_nats_per_token": float(kl.mean()),
             "mean_kl_even_tail": kl_even,
             "median_kl": float(kl.median()),
@@ -103,6 +115,7 @@ def main():
         "teacher": {**CONFIG, **json.loads((CACHE / "lm_teacher" / "train.json").read_text())}
         | {"log": None},
         "tokens": int(mask.sum()),
+        "corpus_tokens": corpus_tokens,
         "teacher_mean_entropy_nats": ent,
         "rows": rows,
         "command": f"bench/store_fidelity.py --windows {a.windows}",
@@ -134,6 +147,9 @@ def plot(res: dict, path: Path) -> None:
     ax.plot(
         [d["bytes_per_token"]], [max(d["mean_kl_nats_per_token"], 1e-6)], "k*", label="dense fp16"
     )
+    for r, mk in zip([r for r in res["rows"] if r["signal"] == "head"], "Dv", strict=False):
+        ax.plot([r["bytes_per_token_at_1M_tokens"]], [max(r["mean_kl_nats_per_token"], 1e-7)],
+                mk, label=f"last hidden state + output layer, {r['dtype']} (1M-token store)")  # fmt: skip
     ax.axvline(300, color="gray", ls="--", lw=0.8)
     ax.axhline(0.01, color="gray", ls=":", lw=0.8)
     ax.set(

@@ -35,7 +35,8 @@ from store_fidelity import load_teacher
 CACHE = lm.ROOT / "bench" / ".cache" / "student"
 # topk: the default store (k = 64, q8, tail prior) with its prior-shaped tail KL;
 # topk_even: the same store with the bucket loss (no prior), the earlier default
-ARMS = ("dense", "topk", "topk_even", "plain")
+# head: the head store (the teacher's last hidden state + its output layer: exact logits)
+ARMS = ("dense", "topk", "topk_even", "plain", "head")
 STUDENT = {"d": 64, "layers": 2, "heads": 4, "ctx": 64}
 
 
@@ -60,6 +61,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--dtype", default="q8")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
+                    help="arms to (re)run; the others keep their runs in --out")  # fmt: skip
     ap.add_argument("--out", default=str(lm.ROOT / "docs" / "results" / "store_student.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)  # cores shared with other jobs: see bench/kd_overhead.py
@@ -72,16 +75,21 @@ def main():
     for name, spec in {
         "dense": LabelSpec(signal="dense", k=None, dtype="fp16", shard_size=64, batch_size=16),
         "topk": LabelSpec(signal="topk", k=a.k, dtype=a.dtype, shard_size=64, batch_size=16),
+        "head": LabelSpec(signal="head", dtype="fp16", shard_size=64, batch_size=16),
     }.items():
+        if name not in a.arms and not (name == "topk" and "topk_even" in a.arms):
+            continue
         out = CACHE / name
         shutil.rmtree(out, ignore_errors=True)
         st = label(ModuleTeacher(teacher), x, ids, out, spec, mask=mask, tokenizer=tok,
                    preprocessing={"text": "tinyshakespeare", "seq_len": CONFIG["ctx"]})  # fmt: skip
         stores[name] = StoreTeacher(st)
         print(name, st.nbytes / st.num_positions, "bytes/token", flush=True)
-    runs = []
-    stores["topk_even"] = stores["topk"]
-    for arm in ARMS:
+    old = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+    runs = [r for r in old.get("runs", []) if r["arm"] not in a.arms]
+    if "topk" in stores:
+        stores["topk_even"] = stores["topk"]
+    for arm in a.arms:
         for seed in a.seeds:
             torch.manual_seed(seed)
             student = lm.GPT(**STUDENT)
@@ -108,6 +116,8 @@ def main():
     summary = {}
     for arm in ARMS:
         rs = [r for r in runs if r["arm"] == arm]
+        if len(rs) < 2:
+            continue
         summary[arm] = {
             m: {"mean": statistics.mean(r[m] for r in rs), "sd": statistics.stdev(r[m] for r in rs)}
             for m in ("val_ce", "val_kl_to_teacher")
@@ -115,7 +125,8 @@ def main():
     res = {
         "teacher_val_ce": evaluate(teacher, teacher, vx, vy)["val_ce"],
         "transfer_tokens": int(mask.sum()),
-        "stores": {
+        "stores": old.get("stores", {})
+        | {
             n: {
                 "bytes_per_token": s.store.nbytes / s.store.num_positions,
                 "signal": s.store.signal,
@@ -130,11 +141,15 @@ def main():
         "batch": a.batch,
         "runs": runs,
         "summary": summary,
-        "command": f"bench/store_student.py --windows {a.windows} --steps {a.steps} "
-        f"--seeds {' '.join(map(str, a.seeds))} --k {a.k} --dtype {a.dtype}",
+        "commands": [
+            *old.get("commands", [old["command"]] if "command" in old else []),
+            f"bench/store_student.py --windows {a.windows} --steps {a.steps} "
+            f"--seeds {' '.join(map(str, a.seeds))} --k {a.k} --dtype {a.dtype} "
+            f"--arms {' '.join(a.arms)}",
+        ],
     }
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
-    shutil.rmtree(CACHE / "dense")
+    shutil.rmtree(CACHE / "dense", ignore_errors=True)
 
 
 if __name__ == "__main__":

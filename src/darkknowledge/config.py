@@ -196,7 +196,9 @@ TeacherConfig = Annotated[
 class LabelConfig(Strict):
     """How ``dk label`` stores the teacher's signals for the recipe's transfer set."""
 
-    signal: Literal["auto", "dense", "topk"] = "auto"  # auto: dense up to 256 outputs
+    # auto: dense up to 256 outputs, else top-k. head: the teacher's last hidden state and
+    # its output layer (stored once): exact logits at 2·H bytes per example/token in fp16
+    signal: Literal["auto", "dense", "topk", "head"] = "auto"
     k: PosInt = 64
     # auto: fp16 for dense logits, q8 (8-bit log-probs) for top-k: with uint16 ids that is
     # 64·3 + 4 ≈ 197 bytes per token, and q8 adds < 0.001 nats of KL (docs/results/store.md)
@@ -207,6 +209,7 @@ class LabelConfig(Strict):
     hidden: list[str] = []  # teacher layers to store too, e.g. [features.3]
     # top-k: also store how the tail mass is spread (one (V,) vector); None: on for tokens
     tail_prior: bool | None = None
+    head_layer: str | None = None  # signal=head: the output layer (None: found by itself)
 
 
 class StudentConfig(Strict):

@@ -383,16 +383,18 @@ def label_settings(recipe: Recipe, vocab: int):
     from .store import LabelSpec
 
     lc = recipe.label or LabelConfig()
-    signal = lc.signal if lc.signal != "auto" else ("dense" if vocab <= 256 else "topk")
+    # auto: dense up to 256 outputs; above, the labeller picks head or top-k (LabelSpec)
+    signal = lc.signal if lc.signal != "auto" or vocab > 256 else "dense"
     return LabelSpec(
         signal=signal,
-        k=lc.k if signal == "topk" else None,
-        dtype=lc.dtype if lc.dtype != "auto" else ("q8" if signal == "topk" else "fp16"),
-        temperature=lc.temperature if signal == "topk" else 1.0,
+        k=lc.k if signal in ("topk", "auto") else None,
+        dtype=lc.dtype,
+        temperature=lc.temperature if signal in ("topk", "auto") else 1.0,
         shard_size=lc.shard_size,
         batch_size=lc.batch_size,
         hidden=tuple(lc.hidden),
-        tail_prior=lc.tail_prior if signal == "topk" else False,
+        tail_prior=lc.tail_prior if signal in ("topk", "auto") else False,
+        head_layer=lc.head_layer if signal in ("head", "auto") else None,
     )
 
 

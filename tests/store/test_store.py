@@ -211,3 +211,108 @@ def test_tail_prior_store_resumes_byte_identical(tmp_path):
         p.name for p in (ref.path / "shards").iterdir()
     )
     assert torch.equal(store.tail_log_prior, ref.tail_log_prior)
+
+
+class HeadLM(TinyLM):
+    """TinyLM whose logits are exactly its output layer's (no scaling after it)."""
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mix(self.emb(x))))
+
+
+def test_head_store_recomputes_the_exact_logits_and_skips_the_head(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    lm = HeadLM()
+    x = torch.randint(0, 300, (12, 9))
+    mask = torch.ones(12, 9, dtype=torch.bool)
+    mask[::3, 5:] = False
+    ids = torch.arange(12)
+    teacher = ModuleTeacher(lm)
+    with torch.no_grad():
+        want = lm(x)
+    # the output layer's vocabulary-sized product runs for the checks only, not per batch
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda i, w, b=None: calls.append(w.shape) or real(i, w, b))
+    spec = LabelSpec(signal="head", dtype="fp32", shard_size=5, batch_size=4)
+    store = label(teacher, x, ids, tmp_path / "h", spec, mask=mask, progress=False)
+    monkeypatch.setattr(F, "linear", real)
+    assert sum(s[0] == 300 for s in calls) == 3  # the probe, and the head check (run + redo)
+    assert store.manifest["head"]["layer"] == "out" and store.fingerprint["head_layer"] == "out"
+    sig = store.get(ids[[4, 1]])
+    assert torch.allclose(sig.logits, want[[4, 1]], atol=1e-5)
+    assert torch.equal(sig.mask, mask[[4, 1]])
+    assert torch.equal(lm(x), want)  # the module's own forward is back
+    # fp16: 2·H bytes per token, whatever the vocabulary; KL to the teacher ~ 0
+    half = label(teacher, x, ids, tmp_path / "h16", LabelSpec(signal="head"), mask=mask,
+                 progress=False)  # fmt: skip
+    p = F.log_softmax(want, -1)
+    q = F.log_softmax(half.get(ids).logits, -1)
+    assert float((p.exp() * (p - q)).sum(-1)[mask].mean()) < 1e-5
+    shard = (tmp_path / "h16" / "shards" / "shard-00000.safetensors").stat().st_size
+    assert shard < 12 * 9 * (2 * 16 + 1) + 12 * 8 + 1024  # hidden fp16 + mask + ids + header
+    info = half.info()
+    assert info["head"]["shape"] == [300, 16] and info["bytes"] == half.nbytes
+    from darkknowledge.store.info import format_info
+
+    assert "output layer 'out'" in format_info(info)
+
+
+def test_head_store_resumes_byte_identical_and_refuses_what_it_cannot_hold(tmp_path):
+    torch.manual_seed(0)
+    lm = HeadLM()
+    x, ids = torch.randint(0, 300, (12, 9)), torch.arange(12)
+    mask = torch.ones(12, 9, dtype=torch.bool)
+    spec = LabelSpec(signal="head", shard_size=5, batch_size=4)
+    ref = label(ModuleTeacher(lm), x, ids, tmp_path / "ref", spec, mask=mask, progress=False)
+    out = tmp_path / "s"
+    label(ModuleTeacher(lm), x, ids, out, spec, mask=mask, progress=False)
+    m = json.loads((out / "manifest.json").read_text())  # killed after shard 0
+    (out / "manifest.json").write_text(json.dumps(m | {"complete": False, "shards": []}))
+    (out / "head.safetensors").unlink()
+    for p in (out / "shards").iterdir():
+        if p.name != "shard-00000.safetensors":
+            p.unlink()
+    label(ModuleTeacher(lm), x, ids, out, spec, mask=mask, progress=False)
+    for f in ("manifest.json", "head.safetensors", "shards/shard-00002.safetensors"):
+        assert (out / f).read_bytes() == (ref.path / f).read_bytes()
+    # logits scaled after the output layer: not a head store
+    with pytest.raises(DKError, match="not its layer 'out' applied"):
+        label(ModuleTeacher(TinyLM()), x, ids, tmp_path / "x", spec, mask=mask, progress=False)
+    with pytest.raises(DKError, match="temperature applies to top-k"):
+        LabelSpec(signal="head", temperature=2.0).validate()
+    with pytest.raises(DKError, match="no layer 'nope'"):
+        label(ModuleTeacher(lm), x, ids, tmp_path / "y",
+              LabelSpec(signal="head", head_layer="nope"), mask=mask, progress=False)  # fmt: skip
+    from darkknowledge.teachers import Ensemble
+
+    with pytest.raises(DKError, match="one teacher network"):
+        label(Ensemble([lm, HeadLM()]), x, ids, tmp_path / "z", spec, mask=mask, progress=False)
+    # a classifier's last Linear is found by itself
+    teacher, cx, cids = clf_setup()
+    clf = label(teacher, cx, cids, tmp_path / "clf", LabelSpec(signal="head", dtype="fp32"),
+                progress=False)  # fmt: skip
+    want = teacher.signals(Batch(cx, None, cids)).logits
+    assert clf.manifest["head"]["layer"] == "3"
+    assert torch.allclose(clf.get(cids).logits, want, atol=1e-5)
+
+
+def test_auto_signal_picks_the_exact_format_when_it_is_no_larger(tmp_path):
+    torch.manual_seed(0)
+    x, ids = torch.randint(0, 300, (6, 9)), torch.arange(6)
+    mask = torch.ones(6, 9, dtype=torch.bool)
+    # output layer input 16 wide: 32 bytes a token in fp16; top-10 in q8 with uint16 ids:
+    # 10·3 + 4 = 34
+    st = label(ModuleTeacher(HeadLM()), x, ids, tmp_path / "a", LabelSpec(k=10), mask=mask,
+               progress=False)  # fmt: skip
+    assert st.signal == "head" and st.dtype == "fp16"
+    # top-4 is smaller (4·3 + 4 = 16 bytes): top-k; logits scaled after the layer: top-k
+    st = label(ModuleTeacher(HeadLM()), x, ids, tmp_path / "b", LabelSpec(k=4), mask=mask,
+               progress=False)  # fmt: skip
+    assert (st.signal, st.dtype, st.k) == ("topk", "q8", 4) and st.tail_log_prior is not None
+    st = label(ModuleTeacher(TinyLM()), x, ids, tmp_path / "c", LabelSpec(k=8), mask=mask,
+               progress=False)  # fmt: skip
+    assert st.signal == "topk"
+    # ten classes: dense
+    teacher, cx, cids = clf_setup()
+    assert label(teacher, cx, cids, tmp_path / "d", progress=False).signal == "dense"

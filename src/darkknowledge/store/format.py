@@ -13,6 +13,8 @@ holding ``ids (n,)`` int64 and the signal tensors for its ``n`` rows:
 - dense: ``logits (n, [T,] V)``
 - top-k: ``topk_ids (n, [T,] K)`` (uint16 when V ≤ 65,536, else int32),
   ``topk_logprobs (n, [T,] K)`` and ``tail_mass (n, [T])`` fp32
+- head: ``head_hidden (n, [T,] H)``, the input of the teacher's output layer, whose
+  weight and bias are stored once in ``head.safetensors`` beside the manifest
 - sequences also ``mask (n, T)`` uint8; optional ``hidden.<layer> (n, [T,] H)``.
 
 Shards are read by memory-mapping the file at the offsets in its header (zero copy).
@@ -40,6 +42,7 @@ FORMAT = "darkknowledge.store/v1"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 PRIOR = "prior.safetensors"  # top-k stores: the tail prior, (V,) log-probabilities
+HEAD = "head.safetensors"  # head stores: the teacher's output layer (weight (V, H), bias)
 
 # Storage dtypes of the float signals. "q8": log-probabilities quantised to 8 bits
 # (uint8 code c ↦ −c·Q8_STEP nats; 0 … −25.5 nats), top-k only.

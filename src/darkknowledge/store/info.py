@@ -13,12 +13,15 @@ def _size(n: float) -> str:
 
 def format_info(info: dict) -> str:
     per = "token" if info["task"] == "sequence" else "example"
-    what = (
-        f"top-{info['k']} + tail at temperature {info['temperature']:g}"
-        + (" (tail prior)" if info.get("tail_prior") else "")
-        if info["signal"] == "topk"
-        else "dense logits"
-    )
+    if info["signal"] == "topk":
+        what = f"top-{info['k']} + tail at temperature {info['temperature']:g}" + (
+            " (tail prior)" if info.get("tail_prior") else ""
+        )
+    elif info["signal"] == "head":
+        hd = info.get("head") or {}
+        what = f"last hidden state + output layer {hd.get('layer')!r} {hd.get('shape')}"
+    else:
+        what = "dense logits"
     lines = [
         f"store      {info['path']}",
         f"signals    {what}, {info['dtype']}, {info['task']} over {info['vocab']} outputs",

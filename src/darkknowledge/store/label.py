@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import dist
@@ -27,6 +28,7 @@ from . import fingerprint as fp
 from .format import (
     FLOAT_DTYPES,
     FORMAT,
+    HEAD,
     MANIFEST,
     PRIOR,
     SHARDS,
@@ -42,13 +44,22 @@ from .reader import SignalStore, read_manifest
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """What to store. ``signal='topk'`` keeps the ``k`` most probable classes/tokens,
+    """What to store. ``signal='auto'`` (the default): dense for up to 256 outputs;
+    otherwise ``head`` when the teacher has a linear output layer and its input costs no
+    more bytes per example/token than the top-k signal would, else ``topk``. ``signal='topk'`` keeps the ``k`` most probable classes/tokens,
     their log-probabilities at ``temperature`` and the tail mass 1 − Σ top-k; ``'dense'``
     keeps all logits (raw, so any loss temperature works). ``dtype`` is the storage type
     of the float signals: fp32, fp16, bf16, or q8 (top-k log-probs in 8 bits, 0.1-nat
-    steps); ``auto`` picks fp16 for dense and q8 for top-k. ``hidden`` names teacher layers whose outputs are stored too."""
+    steps); ``auto`` picks fp16 for dense and q8 for top-k. ``hidden`` names teacher layers whose outputs are stored too.
 
-    signal: str = "topk"
+    ``signal='head'`` (token teachers with a linear output layer): the input of that
+    layer, i.e. the teacher's last hidden state ``(…, H)``, plus the layer's weight and
+    bias stored once; the reader recomputes the exact logits as ``h·Wᵀ + b``. Per token
+    it costs ``2·H`` bytes in fp16 whatever the vocabulary, and labelling skips the
+    output layer. ``head_layer`` names the layer (None: the model's output embeddings,
+    or its only ``nn.Linear`` with as many outputs as the logits)."""
+
+    signal: str = "auto"
     k: int | None = 64
     dtype: str = "auto"  # fp16 for dense, q8 for top-k
     temperature: float = 1.0
@@ -58,30 +69,35 @@ class LabelSpec:
     # top-k only: also measure the tail prior (how the mass outside the top-k is spread
     # over the other outputs, averaged over the store). None: on for token sequences.
     tail_prior: bool | None = None
+    head_layer: str | None = None  # signal='head' only
 
     def __post_init__(self):
-        if self.dtype == "auto":
+        if self.dtype == "auto" and self.signal != "auto":
             object.__setattr__(self, "dtype", "q8" if self.signal == "topk" else "fp16")
 
     def validate(self, vocab: int | None = None) -> None:
-        if self.signal not in ("dense", "topk"):
-            raise DKError(f"label.signal must be dense or topk, not {self.signal!r}")
-        if self.dtype not in (*FLOAT_DTYPES, "q8"):
+        if self.signal not in ("auto", "dense", "topk", "head"):
+            raise DKError(f"label.signal must be auto, dense, topk or head, not {self.signal!r}")
+        if self.dtype not in (*FLOAT_DTYPES, "q8") and not (self.signal == self.dtype == "auto"):
             raise DKError(f"label.dtype must be fp32, fp16, bf16 or q8, not {self.dtype!r}")
-        if self.signal == "dense" and self.dtype == "q8":
-            raise DKError("label.dtype=q8 is for top-k log-probabilities; use fp16 for dense")
-        if self.signal == "topk":
+        if self.signal in ("dense", "head") and self.dtype == "q8":
+            raise DKError(
+                f"label.dtype=q8 is for top-k log-probabilities; use fp16 for {self.signal}"
+            )
+        if self.head_layer and self.signal not in ("head", "auto"):
+            raise DKError("label.head_layer applies to signal=head only")
+        if self.signal in ("topk", "auto"):
             if not self.k or self.k < 1:
                 raise DKError("label.k must be ≥ 1 for top-k signals")
-            if vocab is not None and self.k >= vocab:
+            if vocab is not None and self.k >= vocab and self.signal == "topk":
                 raise DKError(
                     f"label.k={self.k} but the teacher has only {vocab} outputs: "
                     "use label.signal=dense (it is no larger) or a smaller k"
                 )
-        if self.signal == "dense" and self.temperature != 1.0:
+        if self.signal in ("dense", "head") and self.temperature != 1.0:
             raise DKError(
-                "label.temperature applies to top-k signals; dense stores keep raw logits, "
-                "which serve every loss temperature: leave it at 1.0"
+                f"label.temperature applies to top-k signals; {self.signal} stores keep raw "
+                "logits, which serve every loss temperature: leave it at 1.0"
             )
 
     def fields(self) -> dict:
@@ -94,6 +110,8 @@ class LabelSpec:
         }
         if self.tail_prior:  # only present when on: older stores' fingerprints still match
             out["tail_prior"] = True
+        if self.signal == "head":
+            out["head_layer"] = self.head_layer
         return out
 
 
@@ -157,10 +175,18 @@ def label(
         raise DKError("label: the teacher gave no logits")
     vocab = int(probe.shape[-1])
     spec.validate(vocab)
+    if spec.signal == "auto":
+        spec = _auto_signal(spec, teacher, vocab, x[: min(n, 4)], ids[: min(n, 4)], probe)
+        spec.validate(vocab)
     if spec.tail_prior and spec.signal != "topk":
         raise DKError("label.tail_prior applies to top-k signals only")
     if spec.tail_prior is None:
         spec = replace(spec, tail_prior=spec.signal == "topk" and task == "sequence")
+    head_mod = None
+    if spec.signal == "head":
+        name, head_mod = _find_head(teacher, spec.head_layer, vocab)
+        spec = replace(spec, head_layer=name)
+        _check_head(teacher, head_mod, name, x[: min(n, 4)], ids[: min(n, 4)], probe)
     fingerprint.update(spec.fields())
     head = {
         "format": FORMAT,
@@ -195,7 +221,7 @@ def label(
         leave=False,
         dynamic_ncols=True,
     )
-    with _hidden_hooks(teacher, spec.hidden) as captured:
+    with _hidden_hooks(teacher, spec.hidden) as captured, _skip_head(head_mod, captured):
         for i in todo:
             lo, hi = i * spec.shard_size, min((i + 1) * spec.shard_size, n)
             parts: list[dict[str, Tensor]] = []
@@ -219,7 +245,7 @@ def label(
     bar.close()
     dist.barrier()  # every shard is on disk
     positions = int(mask.sum()) if mask is not None else n
-    dist.on_main(_finish, out, head, spec, n, n_shards, positions)
+    dist.on_main(_finish, out, head, spec, n, n_shards, positions, head_mod)
     return SignalStore(out)
 
 
@@ -256,7 +282,15 @@ def _prepare(out: Path, head: dict, layout: dict, force: bool) -> bool:
     return False
 
 
-def _finish(out: Path, head: dict, spec: LabelSpec, n: int, n_shards: int, positions: int):
+def _finish(
+    out: Path,
+    head: dict,
+    spec: LabelSpec,
+    n: int,
+    n_shards: int,
+    positions: int,
+    head_mod: nn.Linear | None = None,
+):
     """The complete manifest: every shard's size and SHA-256."""
     shard_dir = out / SHARDS
     shards = []
@@ -276,6 +310,20 @@ def _finish(out: Path, head: dict, spec: LabelSpec, n: int, n_shards: int, posit
         write_shard(f, {"tail_log_prior": pri.log().to(torch.float16)})
         prior = {
             "tail_prior": {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        }
+    if head_mod is not None:  # the output layer, once, in the store's dtype
+        f = out / HEAD
+        tensors = {"weight": head_mod.weight.detach().to(FLOAT_DTYPES[spec.dtype])}
+        if head_mod.bias is not None:
+            tensors["bias"] = head_mod.bias.detach().to(FLOAT_DTYPES[spec.dtype])
+        write_shard(f, tensors)
+        prior["head"] = {
+            "file": f.name,
+            "layer": spec.head_layer,
+            "shape": list(head_mod.weight.shape),
+            "bias": head_mod.bias is not None,
+            "bytes": f.stat().st_size,
+            "sha256": sha256_file(f),
         }
     hidden_dims = {}
     if spec.hidden:
@@ -319,10 +367,12 @@ def _encode(
     """Teacher logits ``(B, [T,] V)`` → the tensors one batch adds to a shard (and, with
     a tail prior, ``tail_sum (V,)``: Σ over valid positions of the probabilities outside
     each position's top-k, float64, which the caller takes out)."""
-    if logits is None or logits.shape[-1] != vocab:
+    if spec.signal != "head" and (logits is None or logits.shape[-1] != vocab):
         raise DKError("label: the teacher's output size changed between batches")
     out: dict[str, Tensor] = {}
-    if spec.signal == "dense":
+    if spec.signal == "head":
+        out["head_hidden"] = hidden.pop(HEAD_INPUT).to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] H)
+    elif spec.signal == "dense":
         out["logits"] = logits.to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] V)
     else:
         z = logits.float()
@@ -386,3 +436,116 @@ def _hidden_hooks(teacher: Teacher, names: tuple[str, ...]):
     finally:
         for h in handles:
             h.remove()
+
+
+HEAD_INPUT = "\0head"  # the key under which _skip_head puts the output layer's input
+
+
+def _find_head(teacher: Teacher, name: str | None, vocab: int) -> tuple[str, nn.Linear]:
+    """The teacher's output layer for ``signal='head'``: (its name, the module)."""
+    mods = getattr(teacher, "modules", list)()
+    if len(mods) != 1:
+        raise DKError(
+            "label.signal=head needs one teacher network with a linear output layer "
+            f"(this teacher has {len(mods)}); use topk or dense"
+        )
+    (m,) = mods
+    table = dict(m.named_modules())
+    if name is not None:
+        if name not in table:
+            raise DKError(f"label.head_layer: the teacher has no layer {name!r}")
+        found = table[name]
+    else:
+        get = getattr(m, "get_output_embeddings", None)
+        found = get() if callable(get) else None
+        if found is None:
+            cands = [
+                k for k, v in table.items() if isinstance(v, nn.Linear) and v.out_features == vocab
+            ]
+            if len(cands) != 1:
+                raise DKError(
+                    f"label.signal=head: found {len(cands)} nn.Linear layers with {vocab} "
+                    "outputs; name the output layer with label.head_layer"
+                )
+            found = table[cands[0]]
+        name = next(k for k, v in table.items() if v is found)
+    if not isinstance(found, nn.Linear) or found.out_features != vocab:
+        raise DKError(
+            f"label.head_layer {name!r} is not an nn.Linear with {vocab} outputs; use topk or dense"
+        )
+    return name, found
+
+
+def _check_head(
+    teacher: Teacher, head: nn.Linear, name: str, x: Tensor, ids: Tensor, probe: Tensor
+) -> None:
+    """Refuse a head store unless the teacher's logits are exactly its output layer
+    applied to that layer's input (no soft-capping, scaling or mixing after it)."""
+    seen: dict[str, Tensor] = {}
+    h = head.register_forward_hook(lambda _m, inp, _o: seen.__setitem__("h", inp[0].detach()))
+    try:
+        logits = teacher.signals(Batch(x, None, ids)).logits
+    finally:
+        h.remove()
+    if "h" not in seen or logits is None:
+        raise DKError(f"label.signal=head: the teacher's layer {name!r} was not called")
+    again = F.linear(
+        seen["h"].float(), head.weight.float(), None if head.bias is None else head.bias.float()
+    )
+    scale = float(logits.abs().max().clamp_min(1.0))
+    if again.shape != logits.shape or float((again - logits.float()).abs().max()) > 1e-3 * scale:
+        raise DKError(
+            f"label.signal=head: the teacher's logits are not its layer {name!r} applied to "
+            "that layer's input (something acts after it); use topk or dense"
+        )
+
+
+@contextmanager
+def _skip_head(head: nn.Linear | None, captured: dict):
+    """While labelling a head store: the output layer records its input and returns a
+    (…, 1) placeholder, so the vocabulary-sized product is never computed."""
+    if head is None:
+        yield
+        return
+
+    def forward(inp: Tensor) -> Tensor:
+        captured[HEAD_INPUT] = inp.detach().float()
+        return inp.new_zeros((*inp.shape[:-1], 1))
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _auto_signal(
+    spec: LabelSpec, teacher: Teacher, vocab: int, x: Tensor, ids: Tensor, probe: Tensor
+) -> LabelSpec:
+    """Resolve ``signal='auto'``: the exact formats when they are no larger."""
+    if vocab <= 256:
+        return replace(spec, signal="dense", k=None, dtype=_dtype(spec, "dense"), temperature=1.0)
+    topk = replace(spec, signal="topk", dtype=_dtype(spec, "topk"))
+    if spec.temperature != 1.0 or spec.dtype == "q8" or spec.tail_prior:
+        return topk
+    try:
+        name, head = _find_head(teacher, spec.head_layer, vocab)
+        _check_head(teacher, head, name, x, ids, probe)
+    except DKError:
+        return topk
+    # per position: H floats for the head store; K ids, K log-probs and the tail for top-k
+    idb = 2 if vocab <= 65536 else 4
+    topk_bytes = spec.k * (idb + (1 if topk.dtype == "q8" else FLOAT_BYTES[topk.dtype])) + 4
+    head_dtype = _dtype(spec, "head")
+    if head.in_features * FLOAT_BYTES[head_dtype] <= topk_bytes:
+        return replace(spec, signal="head", k=None, dtype=head_dtype, head_layer=name)
+    return topk
+
+
+FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _dtype(spec: LabelSpec, signal: str) -> str:
+    if spec.dtype != "auto":
+        return spec.dtype
+    return "q8" if signal == "topk" else "fp16"

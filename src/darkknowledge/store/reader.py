@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DKError
@@ -81,6 +82,15 @@ class SignalStore:
             if not f.exists() or f.stat().st_size != m["tail_prior"]["bytes"]:
                 raise DKError(f"{f}: the store's tail prior is missing or damaged; relabel it")
             self.tail_log_prior = to_torch(map_shard(f)["tail_log_prior"]).float()  # (V,)
+        self.head_weight: Tensor | None = None  # signal='head': (V, H), and bias (V,)
+        self.head_bias: Tensor | None = None
+        if self.signal == "head":
+            f = self.path / m["head"]["file"]
+            if not f.exists() or f.stat().st_size != m["head"]["bytes"]:
+                raise DKError(f"{f}: the store's output layer is missing or damaged; relabel it")
+            t = map_shard(f)
+            self.head_weight = to_torch(t["weight"]).float()
+            self.head_bias = to_torch(t["bias"]).float() if "bias" in t else None
         self._tables: dict[str, Tensor] | None = None
         if self.nbytes <= preload_bytes:
             self._tables = {
@@ -94,9 +104,9 @@ class SignalStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk: the shards plus the tail prior, if any."""
-        prior = self.manifest.get("tail_prior") or {}
-        return sum(s["bytes"] for s in self.manifest["shards"]) + prior.get("bytes", 0)
+        """Bytes on disk: the shards plus the tail prior or the output layer, if any."""
+        once = sum((self.manifest.get(k) or {}).get("bytes", 0) for k in ("tail_prior", "head"))
+        return sum(s["bytes"] for s in self.manifest["shards"]) + once
 
     @property
     def num_positions(self) -> int:
@@ -140,6 +150,9 @@ class SignalStore:
         sig = Signals(temperature=self.temperature)
         if self.signal == "dense":
             sig.logits = self._gather("logits", rows).float()  # (B, [T,] V)
+        elif self.signal == "head":  # the exact logits, recomputed through the output layer
+            h = self._gather("head_hidden", rows).float()  # (B, [T,] H)
+            sig.logits = F.linear(h, self.head_weight, self.head_bias)  # (B, [T,] V)
         else:
             sig.topk_ids = self._gather("topk_ids", rows).long()  # (B, [T,] K)
             lp = self._gather("topk_logprobs", rows)
@@ -168,6 +181,7 @@ class SignalStore:
             "dtype": self.dtype,
             "temperature": self.temperature,
             "tail_prior": self.tail_log_prior is not None,
+            "head": m.get("head"),
             "hidden": m.get("hidden", {}),
             "shards": len(m["shards"]),
             "bytes": self.nbytes,
