@@ -86,10 +86,12 @@ def measure(mode: str, steps: int, threads: int) -> dict:
     else:
         teacher = build_teacher(recipe, data, CACHE / "store", resume=True)
         loss = LossStack.of(HintonKD(4.0, 0.9))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = fit(student, data.transfer, cfg, loss, teacher, None, None, desc=mode)
+    # wall time, and the CPU time of this process: on shared cores the second is far less
+    # disturbed by other jobs (time-slicing adds wall time, not this process's CPU time)
     return {"mode": mode, "steps": res.steps, "wall_s": time.perf_counter() - t0,
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "cpu_s": time.process_time() - c0, "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def export_for_peers() -> None:
@@ -119,6 +121,7 @@ def run(steps: int, online_steps: int, rounds: int, peers: bool, threads: int, o
     if peers and not (CACHE / "peer_inputs.pt").exists():
         export_for_peers()
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     # The online teacher costs ~20x a student step on these 2 cores, so online modes
     # run fewer steps; everything is compared per step (an epoch is 211 steps).
     n_steps = {m: online_steps if "online" in m else steps for m in modes}
@@ -133,8 +136,11 @@ def run(steps: int, online_steps: int, rounds: int, peers: bool, threads: int, o
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rec = json.loads(res.stdout.strip().splitlines()[-1])
             times[m].append(rec["wall_s"] / rec["steps"])
+            if "cpu_s" in rec:
+                cpu[m].append(rec["cpu_s"] / rec["steps"])
             print(f"round {r} {m}: {rec['wall_s']:.2f} s / {rec['steps']} steps", flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
+    cmed = {m: statistics.median(v) for m, v in cpu.items() if v}
     result = {
         "setup": "Fashion-MNIST transfer set 54,000; teacher 3× small_cnn(width 32) prob_mean; "
         "student MLP 2×800; batch 256; Hinton KD T=4 α=0.9",
@@ -143,6 +149,12 @@ def run(steps: int, online_steps: int, rounds: int, peers: bool, threads: int, o
         "rounds": rounds,
         "s_per_step": times,
         "median_s_per_step": med,
+        "cpu_s_per_step": cpu,
+        "median_cpu_s_per_step": cmed,
+        "cpu_ratios": {
+            "dk_store_over_plain": cmed["store"] / cmed["plain"],
+            "dk_online_over_plain": cmed["online"] / cmed["plain"],
+        },
         "epoch_s_from_median": {m: 211 * v for m, v in med.items()},
         "ratios": {
             "dk_store_over_plain": med["store"] / med["plain"],
