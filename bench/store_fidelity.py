@@ -148,7 +148,7 @@ def plot(res: dict, path: Path) -> None:
         [d["bytes_per_token"]], [max(d["mean_kl_nats_per_token"], 1e-6)], "k*", label="dense fp16"
     )
     for r, mk in zip([r for r in res["rows"] if r["signal"] == "head"], "Dv", strict=False):
-        ax.plot([r["bytes_per_token_at_1M_tokens"]], [max(r["mean_kl_nats_per_token"], 1e-7)],
+        ax.plot([r["bytes_per_token_at_1M_tokens"]], [max(r["mean_kl_nats_per_token"], 1e-9)],
                 mk, label=f"last hidden state + output layer, {r['dtype']} (1M-token store)")  # fmt: skip
     ax.axvline(300, color="gray", ls="--", lw=0.8)
     ax.axhline(0.01, color="gray", ls=":", lw=0.8)
