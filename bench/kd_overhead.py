@@ -151,6 +151,16 @@ def run(steps: int, online_steps: int, rounds: int, peers: bool, threads: int, o
         "median_s_per_step": med,
         "cpu_s_per_step": cpu,
         "median_cpu_s_per_step": cmed,
+        # each round's store ÷ plain (adjacent fresh processes), then the median: robust
+        # to load that drifts over the run, which shifts both of a round's measurements
+        "paired_round_ratios": {
+            "dk_store_over_plain": statistics.median(
+                st / pl for st, pl in zip(times["store"], times["plain"], strict=True)
+            ),
+            "dk_store_over_plain_cpu": statistics.median(
+                st / pl for st, pl in zip(cpu["store"], cpu["plain"], strict=True)
+            ),
+        },
         "cpu_ratios": {
             "dk_store_over_plain": cmed["store"] / cmed["plain"],
             "dk_online_over_plain": cmed["online"] / cmed["plain"],
