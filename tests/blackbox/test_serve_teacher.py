@@ -131,7 +131,7 @@ def test_stop_and_length(served):
         assert "e" not in c["text"] and full["text"].startswith(c["text"])
 
 
-def test_generate_against_served_teacher(served, tmp_path):
+def test_generate_against_served_teacher(served, teacher_dir, tmp_path):
     url, _ = served
     rows = problems(6, 1)
     prompts = tmp_path / "p.jsonl"
@@ -152,6 +152,20 @@ def test_generate_against_served_teacher(served, tmp_path):
     lp = row["samples"][0]["logprobs"]  # captured with the answer
     assert "".join(lp["tokens"]) == row["samples"][0]["text"]
     assert all(len(t) == 5 for t in lp["top_logprobs"])
+
+    # the SFT file is chat data for the causal_lm family: `dk run` fine-tunes a student
+    # on it (loss on the responses only), resumable like every training run
+    sft_recipe = {
+        "family": "causal_lm",
+        "data": {"kind": "chat", "train": str(tmp_path / "o" / "sft.jsonl"), "max_length": 96},
+        "student": {"model": {"path": str(teacher_dir)}},
+        "train": {"steps": 4, "batch_size": 4, "warmup": 1, "eval_every": 2,
+                  "checkpoint_every": 2},
+        "distill": {"mode": "none"},
+    }  # fmt: skip
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft_recipe))
+    assert main(["run", str(tmp_path / "sft.yaml"), "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "student" / "model" / "config.json").exists()
 
 
 def test_missing_model_dir(tmp_path, capsys):
