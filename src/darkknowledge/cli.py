@@ -149,12 +149,12 @@ def _dispatch_one(args) -> int:
         from . import dist
         from .families import load_family_recipe, runner
 
-        if dist.launched() and dist.state().world > 1:
-            fam = _family(args.recipe)
+        fam = _family(args.recipe)
+        if fam not in ("causal_lm", "text") and dist.launched() and dist.state().world > 1:
             dist.on_main(
                 _refuse,
                 f"family {fam!r} runs in one process; launch it without "
-                "accelerate launch / torchrun (multi-process runs: family classify)",
+                "accelerate launch / torchrun",
             )
 
         name, recipe, _ = load_family_recipe(args.recipe, args.overrides)

@@ -113,6 +113,9 @@ class LoraSpec(Strict):
 class TeacherSpec(Strict):
     model: ModelSpec
     train: LMTrain | None = None  # set: train it here first (plain CE), then distil
+    # under several processes: every process holds the whole teacher (replicate), or
+    # 1/N of its parameters, all-gathered block by block on forward (shard, FSDP2)
+    placement: Literal["replicate", "shard"] = "replicate"
 
     @model_validator(mode="after")
     def _trainable(self):

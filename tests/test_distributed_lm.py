@@ -1,0 +1,150 @@
+"""Two processes on CPU (gloo) give the one-process result for the transformer families:
+`dk run` of a `causal_lm` recipe (token-level forward KL, gradient accumulation, chat
+data whose padding gives the processes unequal numbers of valid tokens, so the loss is
+normalised by the all-reduced global count), the same with the teacher sharded over the
+processes (`teacher.placement: shard`), and a `text` recipe.
+
+No dropout: dropout masks come from per-process RNG streams (docs/distributed.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from test_distributed import _accelerate, _dk, _run
+
+pytest.importorskip("transformers")
+
+from darkknowledge.hf import io as hfio
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAKES = SHARED / "tinyshakespeare" / "input.txt"
+pytestmark = pytest.mark.skipif(not SHAKES.exists(), reason="TinyShakespeare not present")
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory) -> tuple[Path, dict]:
+    """Chat pairs from TinyShakespeare (a line and the next one: prompts and responses of
+    unequal length), a char tokenizer, a random tiny GPT-2 teacher and a student folder."""
+    tmp = tmp_path_factory.mktemp("lm")
+    lines = [x for x in SHAKES.read_text()[:8000].splitlines() if x.strip()]
+    pairs = [(a, b) for a, b in zip(lines[:-1:2], lines[1::2], strict=False) if len(a) < 30][:30]
+    rows = [{"prompt": a, "response": b} for a, b in pairs]
+    (tmp / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = hfio.char_tokenizer(SHAKES.read_text()[:8000])
+    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout
+    t = hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=1, vocab_size=len(tok),
+                        n_layer=2, n_head=2, n_embd=32, n_positions=64, **ids)  # fmt: skip
+    s = hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=2, vocab_size=len(tok),
+                        n_layer=1, n_head=2, n_embd=16, n_positions=64, **ids)  # fmt: skip
+    hfio.save_pretrained(t, tmp / "teacher", tok)
+    hfio.save_pretrained(s, tmp / "student", tok)
+    recipe = {
+        "family": "causal_lm",
+        "name": "dist-lm",
+        "data": {"kind": "chat", "train": str(tmp / "chat.jsonl"), "val_fraction": 0.2,
+                 "max_length": 48},
+        "teacher": {"model": {"path": str(tmp / "teacher")}},
+        "student": {"model": {"path": str(tmp / "student")}},
+        # micro-batches of 5 rows (3 + 2 per process), 2 per step
+        "train": {"steps": 4, "batch_size": 5, "grad_accum": 2, "warmup": 1, "lr": 3e-3,
+                  "eval_every": 2, "checkpoint_every": 2},
+        "distill": {"mode": "token", "chunk": 16,
+                    "loss": {"kind": "forward_kl", "ce_weight": 0.5}},
+    }  # fmt: skip
+    path = tmp / "lm.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    one = tmp / "one"
+    _run(_dk("run", str(path), "--out", str(one)))
+    return path, {"one": one, "tmp": tmp}
+
+
+def _val(run: Path) -> float:
+    return json.loads((run / "report.json").read_text())["students"]["0"]["val_loss"]
+
+
+def test_processes_see_unequal_valid_token_counts(lm_setup):
+    """The premise of the next test: the two processes' rows of a step hold different
+    numbers of valid tokens, so a per-process mean would give another update."""
+    from darkknowledge.families import load_family_recipe
+    from darkknowledge.lm.pipeline import Data, load_tokenizers
+
+    path, _ = lm_setup
+    _, rec, _ = load_family_recipe(path)
+    s_tok, t_tok, text = load_tokenizers(rec)
+    data = Data(rec, s_tok, t_tok, text)
+    batches, _ = data.batches(rec.train.seed, 0, rec.train.batch_size, rec.train.grad_accum)
+    per_process = [
+        sum(int(b.valid[p].sum()) for b, _ in batches) for p in (slice(0, 3), slice(3, 5))
+    ]
+    assert per_process[0] != per_process[1] and min(per_process) > 0
+    assert any((b.labels == -100).any(dim=1).all() for b, _ in batches)  # padding + prompts
+
+
+def test_causal_lm_two_processes_equals_one(lm_setup):
+    path, d = lm_setup
+    one, two = d["one"], d["tmp"] / "two"
+    res = _run(_accelerate(2, "run", str(path), "--out", str(two)))
+    w = "student/model/model.safetensors"
+    diff = _max_diff(one / w, two / w)
+    assert diff <= 1e-4, diff
+    assert round(_val(one), 3) == round(_val(two), 3)
+    assert res.stdout.count("student seed") == 1  # process 0 alone prints
+    logged = [json.loads(x) for x in (two / "student" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (one / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [r["step"] for r in ref]  # one writer
+    assert abs(logged[-1]["loss"] - ref[-1]["loss"]) < 1e-4  # the global step loss
+    result = json.loads((two / "student" / "result.json").read_text())
+    assert result["processes"] == 2 and result["teacher_placement"] == "replicate"
+    assert not (two / "student" / "checkpoint.pt").exists()
+
+
+def test_causal_lm_sharded_teacher_equals_replicated(lm_setup):
+    """teacher.placement: shard — each process holds half of the teacher's parameters
+    (FSDP2, all-gathered block by block); the student is the replicated run's."""
+    path, d = lm_setup
+    one, two = d["one"], d["tmp"] / "shard"
+    _run(_accelerate(2, "run", str(path), "teacher.placement=shard", "--out", str(two)))
+    w = "student/model/model.safetensors"
+    diff = _max_diff(one / w, two / w)
+    assert diff <= 1e-4, diff
+    assert round(_val(one), 3) == round(_val(two), 3)
+    result = json.loads((two / "student" / "result.json").read_text())
+    assert result["teacher_placement"] == "shard"
+    full = sum(v.numel() * v.element_size() for v in
+               load_file(str(d["tmp"] / "teacher" / "model.safetensors")).values())  # fmt: skip
+    for local in result["teacher_param_bytes_per_process"]:
+        assert 0.45 * full <= local <= 0.55 * full, (local, full)
+
+
+def test_text_two_processes_equals_one(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "recipes" / "tiny-bert_to_l2_sst2-smoke.yaml").read_text())
+    raw["data"].update(path=str(SHARED / "sst2"), train_subset=96, dev_subset=32,
+                       test_subset=32)  # fmt: skip
+    raw["teacher"]["finetune"].update(batch_size=16)
+    raw["train"].update(batch_size=13, checkpoint_every=3)  # 96 = 7 × 13 + 5: uneven slices
+    raw["variants"] = [{"name": "distilled"}]
+    raw["eval"] = {"speed": False}
+    recipe = tmp_path / "text.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    _run(_dk("run", str(recipe), "--out", str(tmp_path / "one")))
+    _run(_accelerate(2, "run", str(recipe), "--out", str(tmp_path / "two")))
+    for part in ("teacher/model", "students/distilled/seed0/model"):
+        diff = _max_diff(tmp_path / "one" / part / "model.safetensors",
+                         tmp_path / "two" / part / "model.safetensors")  # fmt: skip
+        assert diff <= 1e-4, (part, diff)
+    acc = [json.loads((tmp_path / r / "students/distilled/seed0/result.json").read_text())
+           ["test_accuracy"] for r in ("one", "two")]  # fmt: skip
+    assert round(acc[0], 3) == round(acc[1], 3)
