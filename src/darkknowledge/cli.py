@@ -115,12 +115,15 @@ def _dispatch(args) -> int:
         # under accelerate launch / torchrun: one process of several; process 0 prints
         try:
             if dist.is_main():
-                return _dispatch_one(args)
-            import contextlib
-            import io
+                rc = _dispatch_one(args)
+            else:
+                import contextlib
+                import io
 
-            with contextlib.redirect_stdout(io.StringIO()):
-                return _dispatch_one(args)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    rc = _dispatch_one(args)
+            dist.barrier()  # leave together: no process tears the group down under another
+            return rc
         finally:
             dist.shutdown()
     return _dispatch_one(args)
