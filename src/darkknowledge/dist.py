@@ -159,6 +159,11 @@ def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
 def shutdown() -> None:
     """Leave the process group (at the end of a launched command)."""
     if _grouped():
+        import gc
+
+        # DDP/FSDP objects left in reference cycles hold the group's C++ side: free them
+        # while the group is alive (freeing them at exit can abort the interpreter)
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
