@@ -109,6 +109,10 @@ def _lm(a) -> int:
     from darkknowledge.lm.pipeline import run_lm_recipe
 
     extra = [f"train.dtype={a.dtype}"]
+    if a.shared:  # the data folder (TinyShakespeare, the GPT-2 tokenizer) elsewhere
+        extra.append(f"data.path={a.shared / 'tinyshakespeare' / 'input.txt'}")
+        if not a.smoke:
+            extra.append(f"tokenizer.path={a.shared / 'tokenizers' / 'gpt2'}")
     if a.what == "lm-prepare":  # the teacher only: the student is a 1-step placeholder
         extra += ["train.steps=1", "train.eval_every=1"]
     else:  # the prepared teacher, loaded from its folder
@@ -191,6 +195,7 @@ def main() -> int:
     p.add_argument("--mnist", help="folder of the MNIST IDX files (default: the recipe's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="causal_lm")
     p.add_argument("--placement", choices=["replicate", "shard"], default="replicate")
+    p.add_argument("--shared", type=Path, help="causal_lm: the shared data folder")
     a = p.parse_args()
     if a.what.startswith("lm-"):
         return _lm(a)

@@ -38,6 +38,10 @@ if [[ -z "$MNIST" ]]; then
     done
 fi
 [[ -n "$MNIST" && -z "$SMOKE" ]] && DATA=(--mnist "$MNIST")
+LMDATA=()  # TinyShakespeare and the GPT-2 tokenizer (default: the recipe's paths)
+for d in "$ROOT/../shared/data" "$ROOT/shared/data"; do
+    [[ -d "$d/tinyshakespeare" ]] && LMDATA=(--shared "$(cd "$d" && pwd)") && break
+done
 
 port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 torchrun1() { "$PY" -m torch.distributed.run --nnodes 1 --nproc_per_node 1 --master_port "$(port)" "$@"; }
@@ -69,13 +73,13 @@ fsdp1 no "${B[@]}" measure --name fsdp_fp32 \
     --out "$WORK/fsdp_fp32" --teacher "$T" --json "$JSON" $SMOKE "${DATA[@]}"
 
 echo "== causal_lm: teacher (trained once, under the launcher)"
-torchrun1 "${B[@]}" lm-prepare --out "$WORK/lm_teacher" $SMOKE
+torchrun1 "${B[@]}" lm-prepare --out "$WORK/lm_teacher" $SMOKE "${LMDATA[@]}"
 LT="$WORK/lm_teacher/teacher/model"
 for dtype in bf16 fp32; do
     echo "== causal_lm: DDP, 1 process, $dtype"
     DK_BENCH_LAUNCH="torchrun --nproc_per_node 1" \
     torchrun1 "${B[@]}" lm-measure --name "lm_ddp_$dtype" --dtype "$dtype" \
-        --out "$WORK/lm_ddp_$dtype" --teacher "$LT" --json "$JSON" $SMOKE
+        --out "$WORK/lm_ddp_$dtype" --teacher "$LT" --json "$JSON" $SMOKE "${LMDATA[@]}"
 done
 # two processes: two GPUs, or (smoke) two CPU processes
 NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
@@ -86,7 +90,7 @@ if [[ -n "$SMOKE" || "$NGPU" -ge 2 ]]; then
         "$PY" -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --master_port "$(port)" \
             "${B[@]}" lm-measure --name "lm_ddp2_bf16_$placement" --dtype bf16 \
             --placement "$placement" --out "$WORK/lm_ddp2_$placement" --teacher "$LT" \
-            --json "$JSON" $SMOKE
+            --json "$JSON" $SMOKE "${LMDATA[@]}"
     done
 fi
 echo "wrote $JSON"

@@ -113,6 +113,7 @@ def test_causal_lm_two_processes_equals_one(lm_setup):
     assert not (two / "student" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_causal_lm_sharded_teacher_equals_replicated(lm_setup):
     """teacher.placement: shard — each process holds half of the teacher's parameters
     (FSDP2, all-gathered block by block); the student is the replicated run's."""
@@ -132,6 +133,24 @@ def test_causal_lm_sharded_teacher_equals_replicated(lm_setup):
     print(f"teacher bytes: full {full}, per process {result['teacher_param_bytes_per_process']}")
     for local in result["teacher_param_bytes_per_process"]:
         assert 0.45 * full <= local <= 0.55 * full, (local, full)
+
+
+@pytest.mark.slow
+def test_causal_lm_refusals_are_one_line(lm_setup, tmp_path):
+    """Two processes and a micro-batch of one row, or FSDP for the student: one error."""
+    path, _ = lm_setup
+    for extra, flag, match in (
+        (["train.batch_size=1"], None, "smaller than the number of processes"),
+        ([], "--use_fsdp", "trained with DDP"),
+    ):
+        cmd = _accelerate(2, "run", str(path), *extra, "--out", str(tmp_path / "x"))
+        if flag:
+            cmd[cmd.index("--multi_gpu")] = flag
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+        assert res.returncode != 0
+        errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and match in errors[0], res.stderr[-2000:]
+        assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 @pytest.mark.slow
@@ -185,7 +204,12 @@ def test_text_two_processes_equals_one(tmp_path):
                          tmp_path / "two" / part / "model.safetensors")  # fmt: skip
         print(f"text {part}: max |w1 - w2| = {diff:.2e}")
         assert diff <= 1e-4, (part, diff)
-    acc = [json.loads((tmp_path / r / "students/distilled/seed0/result.json").read_text())
-           ["test_accuracy"] for r in ("one", "two")]  # fmt: skip
-    print(f"text student test accuracy {acc[0]:.4f} / {acc[1]:.4f}")
+    res = [json.loads((tmp_path / r / "students/distilled/seed0/result.json").read_text())
+           for r in ("one", "two")]  # fmt: skip
+    acc = [r["test_accuracy"] for r in res]
+    nll = [r["test"]["nll"] for r in res]  # finer than the accuracy of a tiny model
+    print(
+        f"text student test accuracy {acc[0]:.4f} / {acc[1]:.4f}, NLL {nll[0]:.5f} / {nll[1]:.5f}"
+    )
     assert round(acc[0], 3) == round(acc[1], 3)
+    assert round(nll[0], 3) == round(nll[1], 3)
