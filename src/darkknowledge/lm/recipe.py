@@ -9,6 +9,7 @@
     teacher:                           # trained here first with plain CE when `train` is set
       model: {tiny: tiny-gpt2, config: {n_layer: 4, n_head: 4, n_embd: 128}}
       train: {steps: 2000, batch_size: 12, lr: 1.0e-3}
+      placement: replicate             # or shard: 1/N per process under several processes
     student:
       model: {tiny: tiny-gpt2, config: {n_layer: 2, n_head: 4, n_embd: 64}}
     train: {steps: 2000, batch_size: 12, lr: 1.0e-3}
