@@ -183,7 +183,7 @@ def test_killed_two_process_causal_lm_run_resumes(lm_setup):
     assert round(_val(clean), 3) == round(_val(killed), 3)
 
 
-def test_text_two_processes_equals_one(tmp_path):
+def _text_recipe(tmp_path: Path, **train) -> Path:
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "recipes" / "tiny-bert_to_l2_sst2-smoke.yaml").read_text())
     raw["data"].update(path=str(SHARED / "sst2"), train_subset=92, dev_subset=32,
@@ -195,8 +195,14 @@ def test_text_two_processes_equals_one(tmp_path):
     )  # 92 = 7 × 13 + 1: uneven slices, and an empty one
     raw["variants"] = [{"name": "distilled"}]
     raw["eval"] = {"speed": False}
+    raw["train"].update(train)
     recipe = tmp_path / "text.yaml"
     recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+def test_text_two_processes_equals_one(tmp_path):
+    recipe = _text_recipe(tmp_path)
     _run(_dk("run", str(recipe), "--out", str(tmp_path / "one")))
     _run(_accelerate(2, "run", str(recipe), "--out", str(tmp_path / "two")))
     for part in ("teacher/model", "students/distilled/seed0/model"):
@@ -213,3 +219,29 @@ def test_text_two_processes_equals_one(tmp_path):
     )
     assert round(acc[0], 3) == round(acc[1], 3)
     assert round(nll[0], 3) == round(nll[1], 3)
+
+
+@pytest.mark.slow
+def test_killed_two_process_text_run_resumes(tmp_path):
+    """SIGKILL a two-process text run during student training; resumed with two
+    processes it ends with the uninterrupted one-process student."""
+    recipe = _text_recipe(tmp_path, epochs=4)
+    _run(_dk("run", str(recipe), "--out", str(tmp_path / "clean")))
+    killed = tmp_path / "killed"
+    ckpt = killed / "students" / "distilled" / "seed0" / "ckpt.pt"
+    proc = subprocess.Popen(_torchrun(2, "run", str(recipe), "--out", str(killed)),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "run ended before it could be killed"
+    _kill_tree(proc.pid)
+    proc.wait()
+    time.sleep(0.5)
+    assert ckpt.exists() and not (ckpt.parent / "result.json").exists()
+    _run(_torchrun(2, "run", str(recipe), "--out", str(killed), "--resume"))
+    part = "students/distilled/seed0/model/model.safetensors"
+    assert _max_diff(tmp_path / "clean" / part, killed / part) <= 1e-4
+    res = [json.loads((r / "students/distilled/seed0/result.json").read_text())
+           for r in (tmp_path / "clean", killed)]  # fmt: skip
+    assert round(res[0]["test"]["nll"], 3) == round(res[1]["test"]["nll"], 3)
