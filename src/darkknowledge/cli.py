@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    from . import dist
+
+    if dist.left_group():
+        # A process that left a torch.distributed group exits here, without the
+        # interpreter's teardown: on CPU/gloo the group's C++ threads occasionally
+        # abort the process there ("terminate called without an active exception",
+        # exit -6) after all work is done, which the launcher reports as a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options (dk run r.yaml --out x train.seed=2).
     args, extra = parser.parse_known_args(argv)

@@ -156,8 +156,12 @@ def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
     return result
 
 
+_left = False
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a launched command)."""
+    global _left
     if _grouped():
         import gc
 
@@ -165,6 +169,12 @@ def shutdown() -> None:
         # while the group is alive (freeing them at exit can abort the interpreter)
         gc.collect()
         torch.distributed.destroy_process_group()
+        _left = True
+
+
+def left_group() -> bool:
+    """True once :func:`shutdown` has left a process group in this process."""
+    return _left
 
 
 def shard(idx: Tensor) -> Tensor:
