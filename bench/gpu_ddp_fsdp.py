@@ -13,6 +13,12 @@ reserved), test accuracy, the launch configuration and the device.
 
 ``prepare`` trains the teacher once (so that every measured run distils from the same
 teacher and measures the student phase only); ``measure`` is one configuration.
+
+``lm-prepare`` / ``lm-measure`` do the same for a ``causal_lm`` recipe (token-level
+forward KL, GPT-2 BPE vocabulary on TinyShakespeare, the LM head applied chunk by
+chunk): the student under DDP (``train.dtype`` bf16 or fp32), and with two or more GPUs
+the teacher sharded over the processes (``teacher.placement=shard``). FSDP is not a
+configuration there: a ``causal_lm`` student trains with DDP.
 """
 
 from __future__ import annotations
@@ -55,6 +61,115 @@ SMOKE = [
 ]
 
 
+LM_RECIPE = ROOT / "recipes" / "lm" / "shakespeare_gpt2_bpe.yaml"
+# Shortened: 300 teacher steps, 200 student steps; a 6 × 512 teacher and a 4 × 256
+# student (GPT-2 vocabulary), 32 blocks of 256 tokens per step.
+LM_FULL = [
+    "data.block_size=256",
+    "teacher.model.config={n_layer: 6, n_head: 8, n_embd: 512, n_positions: 256}",
+    "teacher.train.steps=300",
+    "teacher.train.batch_size=32",
+    "student.model.config={n_layer: 4, n_head: 4, n_embd: 256, n_positions: 256}",
+    "train.steps=200",
+    "train.batch_size=32",
+    "train.eval_every=100",
+    "train.checkpoint_every=1000",
+    "distill.chunk=1024",
+]
+# CPU smoke: a character vocabulary, tiny models, a few steps; numbers mean nothing.
+LM_SMOKE = [
+    "tokenizer={kind: char}",
+    "data.block_size=32",
+    "data.val_blocks=4",
+    "teacher.model.config={n_layer: 2, n_head: 2, n_embd: 32, n_positions: 32}",
+    "teacher.train.steps=4",
+    "teacher.train.batch_size=4",
+    "teacher.train.warmup=1",
+    "student.model.config={n_layer: 1, n_head: 2, n_embd: 16, n_positions: 32}",
+    "train.steps=6",
+    "train.batch_size=4",
+    "train.warmup=1",
+    "train.eval_every=3",
+    "distill.chunk=64",
+]
+
+
+def _lm_recipe(smoke: bool, extra: list[str]):
+    from darkknowledge.families import load_family_recipe
+
+    _, recipe, _ = load_family_recipe(LM_RECIPE, [*(LM_SMOKE if smoke else LM_FULL), *extra])
+    return recipe
+
+
+def _lm(a) -> int:
+    """``lm-prepare``: train the teacher once; ``lm-measure``: distil a student from it."""
+    import torch
+
+    from darkknowledge import dist
+    from darkknowledge.lm.pipeline import run_lm_recipe
+
+    extra = [f"train.dtype={a.dtype}"]
+    if a.shared:  # the data folder (TinyShakespeare, the GPT-2 tokenizer) elsewhere
+        extra.append(f"data.path={a.shared / 'tinyshakespeare' / 'input.txt'}")
+        if not a.smoke:
+            extra.append(f"tokenizer.path={a.shared / 'tokenizers' / 'gpt2'}")
+    if a.what == "lm-prepare":  # the teacher only: the student is a 1-step placeholder
+        extra += ["train.steps=1", "train.eval_every=1"]
+    else:  # the prepared teacher, loaded from its folder
+        extra += [f"teacher={{model: {{path: {a.teacher}}}, placement: {a.placement}}}"]
+    recipe = _lm_recipe(a.smoke, extra)
+    st = dist.state()
+    cuda = st.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(st.device)
+    t0 = time.perf_counter()
+    run_lm_recipe(recipe, a.out, force=True)
+    wall = time.perf_counter() - t0
+    if a.what == "lm-prepare" or not st.is_main:
+        dist.shutdown()
+        return 0
+    res = json.loads((a.out / "student" / "result.json").read_text())
+    rec = {
+        "name": a.name,
+        "family": "causal_lm",
+        "device": torch.cuda.get_device_name(st.device) if cuda else "cpu",
+        "processes": st.world,
+        "dtype": a.dtype,
+        "teacher_placement": a.placement,
+        "teacher_param_bytes_per_process": res.get("teacher_param_bytes_per_process"),
+        "student_params": res["params"],
+        "steps": res["steps"],
+        "tokens_per_step": recipe.train.batch_size
+        * recipe.train.grad_accum
+        * recipe.data.block_size,
+        "student_wall_s": res["wall_s"],
+        "s_per_step": res["wall_s"] / res["steps"],
+        "run_wall_s": wall,
+        "peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(st.device) / 2**20
+        if cuda
+        else None,
+        "peak_cuda_reserved_mib": torch.cuda.max_memory_reserved(st.device) / 2**20
+        if cuda
+        else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "val_loss": res["val_loss"],
+        "torch": torch.__version__,
+        "launch": os.environ.get("DK_BENCH_LAUNCH", ""),
+        "smoke": a.smoke,
+    }
+    _append(a.json, rec)
+    dist.shutdown()
+    return 0
+
+
+def _append(path: Path | None, rec: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([*records, rec], indent=2) + "\n")
+    print(json.dumps(rec))
+
+
 def _recipe(smoke: bool, extra: list[str]):
     from darkknowledge.recipe_io import load_recipe
 
@@ -71,14 +186,19 @@ def _last_epoch_step_s(history: list[dict]) -> float | None:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["prepare", "measure"])
+    p.add_argument("what", choices=["prepare", "measure", "lm-prepare", "lm-measure"])
     p.add_argument("--name", default="run", help="configuration name in the JSON record")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--teacher", type=Path, help="teacher weights from `prepare`")
     p.add_argument("--json", type=Path, help="append the record here (measure)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--mnist", help="folder of the MNIST IDX files (default: the recipe's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="causal_lm")
+    p.add_argument("--placement", choices=["replicate", "shard"], default="replicate")
+    p.add_argument("--shared", type=Path, help="causal_lm: the shared data folder")
     a = p.parse_args()
+    if a.what.startswith("lm-"):
+        return _lm(a)
 
     import torch
 
@@ -127,11 +247,7 @@ def main() -> int:
         "launch": os.environ.get("DK_BENCH_LAUNCH", ""),
         "smoke": a.smoke,
     }
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        records = json.loads(a.json.read_text()) if a.json.exists() else []
-        a.json.write_text(json.dumps([*records, rec], indent=2) + "\n")
-    print(json.dumps(rec))
+    _append(a.json, rec)
     dist.shutdown()
     return 0
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # DDP (one GPU process, bf16 and fp32) and FSDP (one process, bf16) on the same
 # distillation recipe: seconds per student step and peak CUDA memory, each configuration
-# in a fresh launch. Writes docs/results/gpu_ddp_fsdp.json (see bench/gpu_ddp_fsdp.py).
+# in a fresh launch. Then a causal_lm recipe (token-level forward KL, GPT-2 vocabulary):
+# DDP with one process in bf16 and fp32 and, on a machine with 2+ GPUs, 2 processes with
+# the teacher replicated and sharded. Writes docs/results/gpu_ddp_fsdp.json (see
+# bench/gpu_ddp_fsdp.py).
 #
 #   bench/gpu_ddp_fsdp.sh            # needs a CUDA GPU; ~5 minutes on one H100
 #   bench/gpu_ddp_fsdp.sh --smoke    # CPU fallback: digits, tiny models, checks the plumbing;
@@ -35,6 +38,10 @@ if [[ -z "$MNIST" ]]; then
     done
 fi
 [[ -n "$MNIST" && -z "$SMOKE" ]] && DATA=(--mnist "$MNIST")
+LMDATA=()  # TinyShakespeare and the GPT-2 tokenizer (default: the recipe's paths)
+for d in "$ROOT/../shared/data" "$ROOT/shared/data"; do
+    [[ -d "$d/tinyshakespeare" ]] && LMDATA=(--shared "$(cd "$d" && pwd)") && break
+done
 
 port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 torchrun1() { "$PY" -m torch.distributed.run --nnodes 1 --nproc_per_node 1 --master_port "$(port)" "$@"; }
@@ -64,4 +71,26 @@ echo "== FSDP, 1 process, fp32"
 DK_BENCH_LAUNCH="accelerate launch --use_fsdp --num_processes 1 --mixed_precision no" \
 fsdp1 no "${B[@]}" measure --name fsdp_fp32 \
     --out "$WORK/fsdp_fp32" --teacher "$T" --json "$JSON" $SMOKE "${DATA[@]}"
+
+echo "== causal_lm: teacher (trained once, under the launcher)"
+torchrun1 "${B[@]}" lm-prepare --out "$WORK/lm_teacher" $SMOKE "${LMDATA[@]}"
+LT="$WORK/lm_teacher/teacher/model"
+for dtype in bf16 fp32; do
+    echo "== causal_lm: DDP, 1 process, $dtype"
+    DK_BENCH_LAUNCH="torchrun --nproc_per_node 1" \
+    torchrun1 "${B[@]}" lm-measure --name "lm_ddp_$dtype" --dtype "$dtype" \
+        --out "$WORK/lm_ddp_$dtype" --teacher "$LT" --json "$JSON" $SMOKE "${LMDATA[@]}"
+done
+# two processes: two GPUs, or (smoke) two CPU processes
+NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
+if [[ -n "$SMOKE" || "$NGPU" -ge 2 ]]; then
+    for placement in replicate shard; do
+        echo "== causal_lm: DDP, 2 processes, bf16, teacher $placement"
+        DK_BENCH_LAUNCH="torchrun --nproc_per_node 2" \
+        "$PY" -m torch.distributed.run --nnodes 1 --nproc_per_node 2 --master_port "$(port)" \
+            "${B[@]}" lm-measure --name "lm_ddp2_bf16_$placement" --dtype bf16 \
+            --placement "$placement" --out "$WORK/lm_ddp2_$placement" --teacher "$LT" \
+            --json "$JSON" $SMOKE "${LMDATA[@]}"
+    done
+fi
 echo "wrote $JSON"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    from . import dist
+
+    if dist.left_group():
+        # A process that left a torch.distributed group exits here, without the
+        # interpreter's teardown: on CPU/gloo the group's C++ threads occasionally
+        # abort the process there ("terminate called without an active exception",
+        # exit -6) after all work is done, which the launcher reports as a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options (dk run r.yaml --out x train.seed=2).
     args, extra = parser.parse_known_args(argv)
@@ -115,12 +131,15 @@ def _dispatch(args) -> int:
         # under accelerate launch / torchrun: one process of several; process 0 prints
         try:
             if dist.is_main():
-                return _dispatch_one(args)
-            import contextlib
-            import io
+                rc = _dispatch_one(args)
+            else:
+                import contextlib
+                import io
 
-            with contextlib.redirect_stdout(io.StringIO()):
-                return _dispatch_one(args)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    rc = _dispatch_one(args)
+            dist.barrier()  # leave together: no process tears the group down under another
+            return rc
         finally:
             dist.shutdown()
     return _dispatch_one(args)
@@ -149,12 +168,12 @@ def _dispatch_one(args) -> int:
         from . import dist
         from .families import load_family_recipe, runner
 
-        if dist.launched() and dist.state().world > 1:
-            fam = _family(args.recipe)
+        fam = _family(args.recipe)
+        if fam not in ("causal_lm", "text") and dist.launched() and dist.state().world > 1:
             dist.on_main(
                 _refuse,
                 f"family {fam!r} runs in one process; launch it without "
-                "accelerate launch / torchrun (multi-process runs: family classify)",
+                "accelerate launch / torchrun",
             )
 
         name, recipe, _ = load_family_recipe(args.recipe, args.overrides)

@@ -156,10 +156,25 @@ def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
     return result
 
 
+_left = False
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a launched command)."""
+    global _left
     if _grouped():
+        import gc
+
+        # DDP/FSDP objects left in reference cycles hold the group's C++ side: free them
+        # while the group is alive (freeing them at exit can abort the interpreter)
+        gc.collect()
         torch.distributed.destroy_process_group()
+        _left = True
+
+
+def left_group() -> bool:
+    """True once :func:`shutdown` has left a process group in this process."""
+    return _left
 
 
 def shard(idx: Tensor) -> Tensor:
@@ -181,21 +196,69 @@ def shard_range(n: int) -> range:
     return range(lo, hi)
 
 
-def wrap(model: nn.Module) -> nn.Module:
+def wrap(model: nn.Module, *, ddp_only: bool = False, find_unused: bool = False) -> nn.Module:
     """The module the training step calls: DDP, FSDP2, or ``model`` itself.
 
     ``model`` must already be on :func:`state`'s device. With FSDP, ``model`` is
     sharded in place (its parameters become DTensors); use :func:`full_state_dict`
-    to read its weights."""
+    to read its weights. ``ddp_only``: DDP even when the launcher asks for FSDP (for
+    callers that use some parameters outside ``model``'s forward);
+    ``find_unused``: DDP's ``find_unused_parameters``."""
     st = state()
     if not _grouped():
         return model  # one process (accelerate launch without torchrun): no wrapper
-    if st.fsdp:
+    if st.fsdp and not ddp_only:
         from torch.distributed.fsdp import fully_shard
 
         return fully_shard(model)
     ids = [st.device.index] if st.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=find_unused
+    )
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers of a transformer (the first ``nn.ModuleList`` in ``model``:
+    GPT-2's ``transformer.h``, LLaMA's ``model.layers``, BERT's ``encoder.layer``)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod):
+            return list(mod)
+    return []
+
+
+def shard_for_inference(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+    """Shard a frozen model's parameters over the processes for inference (FSDP2).
+
+    Each of ``blocks`` becomes its own unit: its parameters are all-gathered just
+    before its forward and freed right after, so a process holds 1/N of them at rest
+    and one block's worth in flight. ``root`` (whose forward must run the blocks) keeps
+    everything else (embeddings, final norm, head) in one unit that its forward
+    gathers and *keeps* gathered, so callers can use those parameters after the
+    forward (an LM head applied chunk by chunk); call ``root.reshard()`` when done.
+    Every process must call ``root`` the same number of times (the all-gathers are
+    collective). Without a process group ``root`` is returned as is."""
+    if not _grouped():
+        return root
+    from torch.distributed.fsdp import fully_shard
+
+    for p in root.parameters():
+        p.requires_grad_(False)
+    for b in blocks:
+        fully_shard(b, reshard_after_forward=True)
+    return fully_shard(root, reshard_after_forward=False)
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters held by this process (a sharded parameter counts
+    its local shard only; a tied parameter once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        t = p.to_local() if hasattr(p, "to_local") else p
+        total += t.numel() * t.element_size()
+    return total
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -15,6 +15,12 @@ Run directory::
 
 Every stage is skipped when its result exists (``--resume``); training saves a
 checkpoint every ``train.checkpoint_every`` steps and continues from it.
+
+Under ``accelerate launch`` / ``torchrun`` (:mod:`darkknowledge.dist`) teacher
+fine-tuning and student training run with DDP: every process draws the same global
+batch, keeps its contiguous slice and weights its mean loss by its share of the batch,
+so the update is the one-process update; the signals are labelled in parallel (shards
+per process); process 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import dist
 from ..errors import DKError
 from ..evaluate import quality
 from . import io as hfio
@@ -49,10 +56,14 @@ CLF = "AutoModelForSequenceClassification"
 
 
 def _log(msg: str) -> None:
+    if not dist.is_main():
+        return
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _write_json(path: Path, obj) -> None:
+    if not dist.is_main():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
@@ -138,6 +149,18 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
 
+class _Step(nn.Module):
+    """A training step's forward as one module (student + projection), so that DDP sees
+    every trainable parameter in its forward: ``(x, m, y, ids)`` → (loss, parts)."""
+
+    def __init__(self, model, extra, step_fn):
+        super().__init__()
+        self.model, self.extra, self.step_fn = model, extra, step_fn
+
+    def forward(self, x, m, y, ids):
+        return self.step_fn(x, m, y, ids)
+
+
 def _steps(n: int, epochs: float, bs: int) -> tuple[int, int]:
     per_epoch = math.ceil(n / bs)
     return per_epoch, max(1, math.ceil(epochs * per_epoch))
@@ -190,8 +213,17 @@ class _Trainer:
         self._epoch, self._batches = -1, []
         self.ckpt = work / "ckpt.pt"
         self.metrics = work / "metrics.jsonl"
+        st = dist.state()
+        self.world, self.rank, self.main = st.world, st.rank, st.is_main
+        self.net = None
+        if self.world > 1:  # DDP over the step module (find_unused: e.g. an idle pooler)
+            self.net = dist.wrap(_Step(model, extra, step_fn), ddp_only=True, find_unused=True)
 
     def _save(self) -> None:
+        rngs = dist.all_gather_object(torch.get_rng_state())  # each process's dropout stream
+        if not self.main:
+            dist.barrier()
+            return
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -203,10 +235,12 @@ class _Trainer:
             "best_step": self.best_step,
             "wall": self.wall,
             "rng": _rng_state(),
+            "rng_ranks": rngs,
         }
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt)
+        dist.barrier()
 
     def _load(self) -> None:
         state = torch.load(self.ckpt, weights_only=False)
@@ -218,7 +252,11 @@ class _Trainer:
         self.step, self.best_dev = state["step"], state["best_dev"]
         self.best_state, self.best_step = state["best_state"], state["best_step"]
         self.wall = state["wall"]
-        torch.set_rng_state(state["rng"]["torch"])
+        rngs = state.get("rng_ranks") or [state["rng"]["torch"]]
+        if len(rngs) == self.world:
+            torch.set_rng_state(rngs[self.rank])
+        else:  # another number of processes: fresh dropout streams
+            torch.manual_seed(self.seed + 1_000_003 * self.rank + self.step)
         _log(f"{self.label}: resumed at step {self.step}/{self.total}")
 
     def _evaluate(self, train_loss: float) -> None:
@@ -234,17 +272,40 @@ class _Trainer:
             "best_dev": self.best_dev,
             "wall_s": round(self.wall, 1),
         }
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if self.main:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
         _log(f"{self.label}: step {self.step}/{self.total} loss {train_loss:.4f} dev {acc:.4f}")
 
+    def _forward_backward(self, idx: Tensor) -> float:
+        """Loss of the global batch ``idx`` and its gradient; returns the batch's loss.
+
+        Several processes: this process's contiguous slice, its mean loss weighted by
+        ``slice / batch × processes`` (DDP averages), so the update is the gradient of the
+        mean loss over the whole batch. An empty slice runs one row with weight 0."""
+        if self.net is None:
+            x, m, y, ids = self.train.batch(idx)
+            loss, _parts = self.step_fn(x, m, y, ids)
+            loss.backward()
+            return float(loss.detach())
+        mine = dist.shard(idx)
+        w = len(mine) / len(idx)
+        x, m, y, ids = self.train.batch(mine if len(mine) else idx[:1])
+        loss, _parts = self.net(x, m, y, ids)
+        (loss * (w * self.world)).backward()
+        share = torch.tensor([float(loss.detach()) * w], dtype=torch.float64)
+        return float(dist.all_reduce_sum(share))
+
     def run(self, resume: bool) -> dict:
-        self.work.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.work.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
         if self.ckpt.exists() and resume:
             self._load()  # restores the RNG too: dropout continues as if never stopped
         else:
-            self.metrics.unlink(missing_ok=True)
-            torch.manual_seed(self.seed)
+            if self.main:
+                self.metrics.unlink(missing_ok=True)
+            torch.manual_seed(self.seed + 1_000_003 * self.rank)  # own dropout stream
         running, count, t0 = 0.0, 0, time.perf_counter()
         while self.step < self.total:
             self.model.train()
@@ -256,17 +317,15 @@ class _Trainer:
                 self._batches = _epoch_batches(lengths, self.cfg.batch_size, self.seed, epoch)
                 self._epoch = epoch
             idx = self._batches[k]
-            x, m, y, ids = self.train.batch(idx)
-            loss, _parts = self.step_fn(x, m, y, ids)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._forward_backward(idx)
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.opt.param_groups for p in g["params"]], 1.0
             )
             self.opt.step()
             self.sched.step()
             self.step += 1
-            running, count = running + float(loss.detach()), count + 1
+            running, count = running + loss, count + 1
             now = time.perf_counter()
             self.wall += now - t0
             t0 = now
@@ -348,13 +407,17 @@ def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
     if recipe.teacher.finetune is not None and recipe.teacher.checkpoint is None:
         _log(f"teacher: fine-tuning on {len(train)} examples")
         fit = _finetune_teacher(recipe, model, tok, enc, tdir, resume)
-    tdir.mkdir(parents=True, exist_ok=True)
-    hfio.save_pretrained(model, tdir / "model", tok)
     res = _evaluate_model(model, enc, None) | {"fit": fit}
-    _write_json(done, res)
-    (tdir / "ckpt.pt").unlink(missing_ok=True)
+    dist.on_main(_save_teacher, model, tok, tdir, res)
     _log(f"teacher: dev {res['dev_accuracy']:.4f} test {res['test_accuracy']:.4f}")
     return model, tok, enc, res
+
+
+def _save_teacher(model, tok, tdir: Path, res: dict) -> None:
+    tdir.mkdir(parents=True, exist_ok=True)
+    hfio.save_pretrained(model, tdir / "model", tok)
+    _write_json(tdir / "result.json", res)
+    (tdir / "ckpt.pt").unlink(missing_ok=True)
 
 
 def _evaluate_model(model, enc, teacher_test_logits: Tensor | None) -> dict:
@@ -544,6 +607,26 @@ def student_stage(
         f"{v.name}/seed{seed}",
     )
     fit = tr.run(resume)
+    res = dist.on_main(_export_student, student, tok, work, enc, teacher_test_logits)
+    res.update(
+        variant=v.name,
+        seed=seed,
+        layers=layers,
+        init=recipe.variant_init(v),
+        loss=loss_cfg.model_dump(exclude_none=True),
+        fit=fit,
+        teacher_signals=("none" if not loss_cfg.needs_teacher else "online" if online else "store"),
+    )
+    dist.on_main(_finish_student, work, res)
+    _log(
+        f"student {v.name} seed {seed}: dev {res['dev_accuracy']:.4f} "
+        f"test {res['test_accuracy']:.4f}"
+    )
+    return res
+
+
+def _export_student(student, tok, work: Path, enc, teacher_test_logits) -> dict:
+    """Evaluate, save and reload the student (process 0)."""
     res = _evaluate_model(student, enc, teacher_test_logits)
     model_dir = work / "model"
     if model_dir.exists():
@@ -554,22 +637,12 @@ def student_stage(
     res["reloaded_test_accuracy"] = accuracy(predict(reloaded, enc["test"]), enc["test"].y)
     if res["reloaded_test_accuracy"] != res["test_accuracy"]:
         raise DKError(f"{model_dir}: the exported student does not reproduce its accuracy")
-    res.update(
-        variant=v.name,
-        seed=seed,
-        layers=layers,
-        init=recipe.variant_init(v),
-        loss=loss_cfg.model_dump(exclude_none=True),
-        fit=fit,
-        teacher_signals=("none" if not loss_cfg.needs_teacher else "online" if online else "store"),
-    )
-    _write_json(done, res)
-    (work / "ckpt.pt").unlink(missing_ok=True)
-    _log(
-        f"student {v.name} seed {seed}: dev {res['dev_accuracy']:.4f} "
-        f"test {res['test_accuracy']:.4f}"
-    )
     return res
+
+
+def _finish_student(work: Path, res: dict) -> None:
+    _write_json(work / "result.json", res)
+    (work / "ckpt.pt").unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ size and speed
@@ -691,15 +764,11 @@ def run_text_recipe(
     test) :class:`~darkknowledge.hf.text_data.TextSplit` replaces the files named in
     ``data`` (from Python: ``from_datasets(load_dataset(...)["train"])``)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise DKError(f"{out}: exists and is not empty; use --resume to continue or --force")
-    if force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    seeds = seeds or recipe.seeds
+    dist.on_main(_check_processes, recipe)
+    dist.on_main(_prepare_out, out, recipe, seeds, resume, force)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    seeds = seeds or recipe.seeds
-    _write_json(out / "config.json", recipe.model_dump(mode="json") | {"run_seeds": seeds})
     t_start = time.perf_counter()
     splits = _data(recipe, splits)
     teacher, tok, enc, t_res = teacher_stage(recipe, out, splits, resume)
@@ -722,6 +791,41 @@ def run_text_recipe(
                 results.setdefault(v.name, []).append(
                     student_stage(recipe, out, v, s, teacher, tok, enc, store, True, t_test)
                 )
+    return dist.on_main(_report, recipe, out, splits, enc, teacher, t_res, seeds, results, t_start)
+
+
+def _check_processes(recipe: TextRecipe) -> None:
+    """What a multi-process run needs, checked before anything is written."""
+    st = dist.state()
+    if st.world == 1:
+        return
+    if st.fsdp:
+        raise DKError(
+            "text: students and the teacher's fine-tuning run with DDP under several "
+            "processes; launch without --use_fsdp"
+        )
+    for v in recipe.variants:
+        loss = recipe.variant_loss(v)
+        per_token = (loss.cosine is not None and loss.cosine.pool == "tokens") or (
+            loss.attention is not None
+        )
+        if per_token:
+            raise DKError(
+                f"variant {v.name}: per-token terms (cosine pool tokens, attention) run in "
+                "one process only; use cosine pool mean or cls under several processes"
+            )
+
+
+def _prepare_out(out: Path, recipe: TextRecipe, seeds, resume: bool, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise DKError(f"{out}: exists and is not empty; use --resume to continue or --force")
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", recipe.model_dump(mode="json") | {"run_seeds": seeds})
+
+
+def _report(recipe, out: Path, splits, enc, teacher, t_res, seeds, results, t_start) -> str:
     n_t = num_layers(teacher)
     layers = recipe.student.layers or every_other(n_t)
     sample = hfio.load_model(

@@ -15,10 +15,19 @@ Training is resumable: a checkpoint (weights, optimizer, step) is written atomic
 every ``train.checkpoint_every`` steps; the batches of step s depend only on (seed, s),
 so a resumed run sees the same data as an uninterrupted one. A finished phase (a
 ``result.json``) is skipped.
+
+Under ``accelerate launch`` / ``torchrun`` (:mod:`darkknowledge.dist`) the same run is
+split over the processes: every process draws the step's micro-batches, keeps its
+contiguous rows of each, and divides each micro-batch's summed token loss by the
+*global* count of valid tokens of the step (all-reduced over processes and
+micro-batches); DDP averages the gradients, so the update is the one-process update.
+Process 0 alone writes files. ``teacher.placement: shard`` shards the frozen teacher
+over the processes (FSDP2) instead of replicating it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .. import dist as ddist
 from ..errors import DKError
 from ..hf import io as hfio
 from ..pipeline import prepare_run_dir
-from ..train import _MetricsLog
+from ..train import _MetricsLog, _sync
 from . import models as M
 from .data import (
     IGNORE,
@@ -58,7 +68,29 @@ Tensor = torch.Tensor
 
 
 def _device() -> torch.device:
+    if ddist.launched():
+        return ddist.state().device  # this process's device (its GPU, or the CPU)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class HiddenStates(torch.nn.Module):
+    """``model``'s body as a module: ``(input_ids, attention_mask)`` → final hidden
+    states. What DDP wraps (the LM head is applied outside, chunk by chunk) and the root
+    of a sharded teacher."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return M.final_hidden(self.model, input_ids, attention_mask)
+
+
+def _rows(b: LMBatch | None, p: Tensor) -> LMBatch | None:
+    """Rows ``p`` of a batch (this process's part of a micro-batch)."""
+    if b is None:
+        return None
+    return LMBatch(b.input_ids[p], b.attention_mask[p], b.labels[p])
 
 
 def load_tokenizers(recipe: LMRecipe):
@@ -196,7 +228,10 @@ def val_loss(model, data: Data, batch_size: int = 32, chunk: int = 1024, teacher
     dev = next(model.parameters()).device
     w, b = M.head(model)
     total, count = 0.0, 0
-    for batch in data.val_batches(batch_size, teacher):
+    st = ddist.state()
+    for i, batch in enumerate(data.val_batches(batch_size, teacher)):
+        if i % st.world != st.rank:  # several processes: each its share of the batches
+            continue
         h = M.final_hidden(model, batch.input_ids.to(dev), batch.attention_mask.to(dev))
         valid = batch.valid.to(dev)
         rows, labels = h[valid], batch.labels.to(dev)[valid]
@@ -204,6 +239,9 @@ def val_loss(model, data: Data, batch_size: int = 32, chunk: int = 1024, teacher
             logits = F.linear(rows[lo : lo + chunk], w, b).float()
             total += float(F.cross_entropy(logits, labels[lo : lo + chunk], reduction="sum"))
         count += len(rows)
+    if st.world > 1:
+        total, count = ddist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
+        total, count = float(total), int(count)
     model.train(was)
     return total / max(count, 1)
 
@@ -270,10 +308,18 @@ class Trainer:
         teacher=None,
         seqkd: Tensor | None = None,
         desc: str = "train",
+        teacher_root=None,
     ):
         self.model, self.tok, self.data, self.cfg, self.dist = model, tok, data, cfg, dist
         self.folder, self.teacher, self.seqkd, self.desc = folder, teacher, seqkd, desc
+        # a sharded teacher: the FSDP root whose forward gives its hidden states
+        self.teacher_root = teacher_root
         self.dev = next(model.parameters()).device
+        st = ddist.state()
+        self.world, self.rank, self.main = st.world, st.rank, st.is_main
+        # several processes: the student's body under DDP (the head is used outside its
+        # forward, chunk by chunk, which DDP allows and FSDP does not)
+        self.net = ddist.wrap(HiddenStates(model), ddp_only=True) if self.world > 1 else None
         ls = dist.loss
         if dist.mode in ("none", "seqkd"):
             self.spec = TokenLoss(kd_weight=0.0, ce_weight=1.0)
@@ -286,6 +332,7 @@ class Trainer:
         self.autocast = cfg.dtype == "bf16"
 
     def _step_batches(self, step: int):
+        """The step's micro-batches, this process's rows of each (all rows in one process)."""
         cfg, d = self.cfg, self.dist
         batches, gen = self.data.batches(cfg.seed, step, cfg.batch_size, cfg.grad_accum)
         on_policy = False
@@ -297,9 +344,22 @@ class Trainer:
                 (_continuation_batch(self.seqkd[r], d.prompt_tokens), None)
                 for r in rows.split(cfg.batch_size)
             ]
-        elif d.mode == "gkd" and float(torch.rand((), generator=gen)) < d.lmbda:
+        if self.world > 1:  # contiguous rows of every micro-batch (the same draw everywhere)
+            batches = [
+                (_rows(s, p), _rows(t, p))
+                for s, t in batches
+                for p in [ddist.shard(torch.arange(s.input_ids.shape[0]))]
+            ]
+        if (
+            self.seqkd is None
+            and d.mode == "gkd"
+            and float(torch.rand((), generator=gen)) < d.lmbda
+        ):
             on_policy = True
             new = []
+            # each process samples its own prompts' continuations; its own seed (the
+            # same seed would repeat samples), so on-policy steps differ from one process
+            rank_seed = 0 if self.world == 1 else 7_919_993 * (self.rank + 1)
             for m, (b, _) in enumerate(batches):
                 prompts = b.input_ids[:, : d.prompt_tokens].to(self.dev)
                 seq = sample_continuations(
@@ -307,25 +367,45 @@ class Trainer:
                     prompts,
                     d.gen_tokens,
                     d.sample_temperature,
-                    seed=cfg.seed * 1_000_003 + step * 17 + m,
+                    seed=cfg.seed * 1_000_003 + step * 17 + m + rank_seed,
                 )
                 new.append((_continuation_batch(seq.cpu(), d.prompt_tokens), None))
             batches = new
         return batches, on_policy
 
-    def _micro(self, s: LMBatch, t: LMBatch | None, spec: TokenLoss, norm: int, parts: dict):
+    def _micro(
+        self,
+        s: LMBatch,
+        t: LMBatch | None,
+        spec: TokenLoss,
+        norm: float,
+        parts: dict,
+        last: bool = True,
+    ):
+        """One micro-batch: summed token loss / ``norm`` (the step's global count of valid
+        tokens), backward. Returns the loss (this process's share of the step's loss)."""
+        net = self.net
+        with _sync(net, last) if net is not None else contextlib.nullcontext():
+            loss = self._micro_loss(s, t, spec, norm, parts)
+            # DDP averages gradients over the processes: × N gives the sum over processes
+            # of the per-process sums / global count, the one-process gradient
+            (loss * self.world if self.world > 1 else loss).backward()
+        return float(loss.detach())
+
+    def _micro_loss(self, s, t, spec: TokenLoss, norm: float, parts: dict) -> Tensor:
         dev = self.dev
+        body = self.net if self.net is not None else HiddenStates(self.model)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
-            h = M.final_hidden(self.model, s.input_ids.to(dev), s.attention_mask.to(dev))
+            h = body(s.input_ids.to(dev), s.attention_mask.to(dev))
             valid = s.valid.to(dev)
             rows, labels = h[valid], s.labels.to(dev)[valid]
             target = None
             if self.teacher is not None and spec.kd_weight > 0:
                 tb = t if t is not None else s
+                t_body = self.teacher_root or HiddenStates(self.teacher)
                 with torch.no_grad():
-                    th = M.final_hidden(
-                        self.teacher, tb.input_ids.to(dev), tb.attention_mask.to(dev)
-                    )[tb.valid.to(dev)]
+                    th = t_body(tb.input_ids.to(dev), tb.attention_mask.to(dev))
+                    th = th[tb.valid.to(dev)]
                 if th.shape[0] != rows.shape[0]:
                     raise DKError(
                         f"teacher and student batches have {th.shape[0]} and {rows.shape[0]} "
@@ -347,8 +427,9 @@ class Trainer:
                 chunk=self.dist.chunk,
                 parts=parts,
             )
-        loss.backward()
-        return float(loss.detach())
+        if target is not None and self.teacher_root is not None:
+            self.teacher_root.reshard()  # the sharded teacher's head was only needed here
+        return loss
 
     def fit(self, resume: bool) -> dict:
         cfg, folder, model = self.cfg, self.folder, self.model
@@ -363,14 +444,16 @@ class Trainer:
             step = resumed_from = int(state["step"])
             metrics_offset = int(state["metrics_bytes"])
             wall_before = float(state.get("wall_s", 0.0))
-        log = _MetricsLog(folder / "metrics.jsonl", metrics_offset, resume)
+        if self.world > 1:  # each process its own dropout stream, also after a resume
+            torch.manual_seed(cfg.seed + 1_000_003 * (self.rank + 1) + step)
+        log = _MetricsLog(folder / "metrics.jsonl" if self.main else None, metrics_offset, resume)
         if resumed_from:
-            log.write({"event": "resume", "step": step})
+            log.write({"event": "resume", "step": step, "processes": self.world})
         model.train()
         t0 = time.perf_counter()
         bar = tqdm(
             total=cfg.steps, initial=step, desc=self.desc, file=sys.stderr, leave=False,
-            disable=None, dynamic_ncols=True,
+            disable=None if self.main else True, dynamic_ncols=True,
         )  # fmt: skip
         run = None
         n_on_policy = 0
@@ -382,9 +465,17 @@ class Trainer:
             n_on_policy += on_policy
             spec = self.on_policy_spec if on_policy else self.spec
             norm = sum(b.n_valid for b, _ in batches)
+            if self.world > 1:  # the step's valid tokens over all processes
+                norm = float(ddist.all_reduce_sum(torch.tensor([float(norm)], dtype=torch.float64)))
             opt.zero_grad(set_to_none=True)
             parts: dict = {}
-            loss = sum(self._micro(s, t, spec, norm, parts) for s, t in batches)
+            last = len(batches) - 1
+            loss = sum(
+                self._micro(s, t, spec, norm, parts, last=j == last)
+                for j, (s, t) in enumerate(batches)
+            )
+            if self.world > 1:  # the step's loss: the sum of the processes' shares
+                loss = float(ddist.all_reduce_sum(torch.tensor([loss], dtype=torch.float64)))
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -399,7 +490,7 @@ class Trainer:
                 rec = (rec or {"step": step}) | {"val_loss": val_loss(model, self.data)}
             if rec:
                 log.write(rec)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.main:
                 wall = wall_before + time.perf_counter() - t0
                 state = {
                     "model": model.state_dict(),
@@ -407,9 +498,12 @@ class Trainer:
                     "step": step,
                     "metrics_bytes": log.tell(),
                     "wall_s": wall,
+                    "processes": self.world,
                 }
                 torch.save(state, ckpt.with_suffix(".tmp"))
                 os.replace(ckpt.with_suffix(".tmp"), ckpt)
+            if step % cfg.checkpoint_every == 0:
+                ddist.barrier()  # the checkpoint is on disk before anyone goes on
         bar.close()
         log.close()
         wall = wall_before + time.perf_counter() - t0
@@ -420,6 +514,7 @@ class Trainer:
             "resumed_from": resumed_from,
             "wall_s": wall,
             "on_policy_steps_this_process": n_on_policy,
+            "processes": self.world,
         }
 
 
@@ -453,7 +548,7 @@ def teacher_phase(recipe: LMRecipe, tok, data: Data, out: Path, resume: bool):
         return model, json.loads(done.read_text())
     model = build_model(tc.model, tok, tc.train.seed, tc.train.dropout).to(dev)
     tr = Trainer(model, tok, data, tc.train, DistillSpec(mode="none"), folder, desc="teacher")
-    res = _finish(tr, tr.fit(resume), folder)
+    res = ddist.on_main(_finish, tr, tr.fit(resume), folder)
     return model.eval(), res
 
 
@@ -481,7 +576,9 @@ def seqkd_data(recipe: LMRecipe, teacher, data: Data, folder: Path) -> Tensor:
     return torch.cat(parts)
 
 
-def student_phase(recipe, seed, s_tok, data, teacher, folder: Path, resume: bool, seqkd=None):
+def student_phase(
+    recipe, seed, s_tok, data, teacher, folder: Path, resume: bool, seqkd=None, teacher_root=None
+):
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -493,13 +590,41 @@ def student_phase(recipe, seed, s_tok, data, teacher, folder: Path, resume: bool
     model = model.to(dev)
     tr = Trainer(
         model, s_tok, data, cfg, recipe.distill, folder, teacher=teacher, seqkd=seqkd,
-        desc=f"student seed {seed}",
+        desc=f"student seed {seed}", teacher_root=teacher_root,
     )  # fmt: skip
     res = tr.fit(resume)
     res["trainable_params"] = M.param_count(model, trainable=True)
     res["params"] = M.param_count(model)
     res["seed"] = seed
-    return _finish(tr, res, folder)
+    if teacher is not None and ddist.state().world > 1:
+        # the teacher's parameter bytes each process holds (1/N each when sharded)
+        res["teacher_placement"] = "shard" if teacher_root is not None else "replicate"
+        res["teacher_param_bytes_per_process"] = ddist.all_gather_object(
+            ddist.local_param_bytes(teacher)
+        )
+    return ddist.on_main(_finish, tr, res, folder)
+
+
+def check_processes(recipe: LMRecipe) -> None:
+    """What a multi-process run needs, checked before anything is written."""
+    st = ddist.state()
+    if st.world == 1:
+        return
+    if st.fsdp:
+        raise DKError(
+            "causal_lm: the student is trained with DDP (its LM head runs chunk by chunk "
+            "outside the model's forward, which FSDP cannot shard); launch without "
+            "--use_fsdp, and shard the teacher with teacher.placement: shard"
+        )
+    for name, tr in (
+        ("train", recipe.train),
+        ("teacher.train", getattr(recipe.teacher, "train", None)),
+    ):
+        if tr is not None and tr.batch_size < st.world:
+            raise DKError(
+                f"{name}.batch_size ({tr.batch_size}) is smaller than the number of "
+                f"processes ({st.world}): every process needs rows of each micro-batch"
+            )
 
 
 def run_lm_recipe(
@@ -511,7 +636,8 @@ def run_lm_recipe(
     seeds: list[int] | None = None,
 ) -> str:
     out = Path(out).resolve()
-    prepare_run_dir(out, recipe, resume, force)
+    ddist.on_main(check_processes, recipe)
+    ddist.on_main(prepare_run_dir, out, recipe, resume, force)
     s_tok, t_tok, text = load_tokenizers(recipe)
     data = Data(recipe, s_tok, t_tok, text)
     dev = _device()
@@ -525,7 +651,9 @@ def run_lm_recipe(
         else:
             probe_t = build_model(recipe.teacher.model, t_tok, 0)
     probe_s = build_model(recipe.student.model, s_tok, 0)
-    info = preflight(
+    info = ddist.on_main(
+        _preflight,
+        out,
         probe_t,
         t_tok,
         probe_s,
@@ -536,7 +664,6 @@ def run_lm_recipe(
         chat=data.chat,
         bytes_per=2 if recipe.train.dtype == "bf16" else 4,
     )
-    (out / "preflight.json").write_text(json.dumps(info, indent=2))
     del probe_s, probe_t
     if recipe.teacher is not None and teacher is None:
         teacher, t_info = teacher_phase(recipe, t_tok, data, out, resume)
@@ -548,16 +675,24 @@ def run_lm_recipe(
         if "val_loss" not in t_info:
             t_info["val_loss"] = val_loss(teacher, data, teacher=True)
         report["teacher"] = t_info
+    use_teacher = teacher if recipe.distill.mode in ("token", "gkd") else None
+    root = None
+    if use_teacher is not None and recipe.teacher.placement == "shard" and ddist.state().world > 1:
+        # each process keeps 1/N of the teacher; fully_shard moves the shards to its device
+        root = ddist.shard_for_inference(HiddenStates(teacher), ddist.blocks_of(teacher))
+        report["teacher"]["placement"] = "shard"
+    elif teacher is not None:
         teacher.to(dev)
     seqkd = None
-    if recipe.distill.mode == "seqkd":
-        seqkd = seqkd_data(recipe, teacher, data, out / "seqkd")
-    use_teacher = teacher if recipe.distill.mode in ("token", "gkd") else None
+    if recipe.distill.mode == "seqkd":  # generated once, by process 0
+        seqkd = ddist.on_main(seqkd_data, recipe, teacher, data, out / "seqkd")
     seed_list = seeds if seeds is not None else [recipe.seed]
     students = {}
     for s in seed_list:
         folder = out / "student" if seeds is None else out / f"seed_{s}" / "student"
-        students[str(s)] = student_phase(recipe, s, s_tok, data, use_teacher, folder, resume, seqkd)
+        students[str(s)] = student_phase(
+            recipe, s, s_tok, data, use_teacher, folder, resume, seqkd, root
+        )
     report["students"] = students
     vals = [r["val_loss"] for r in students.values()]
     report["student_val_loss"] = {
@@ -565,8 +700,14 @@ def run_lm_recipe(
         "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
         "n": len(vals),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    ddist.on_main((out / "report.json").write_text, json.dumps(report, indent=2))
     return format_report(report, out)
+
+
+def _preflight(out: Path, *args, **kwargs) -> dict:
+    info = preflight(*args, **kwargs)
+    (out / "preflight.json").write_text(json.dumps(info, indent=2))
+    return info
 
 
 def format_report(report: dict, out: Path) -> str:

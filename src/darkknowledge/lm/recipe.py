@@ -9,6 +9,7 @@
     teacher:                           # trained here first with plain CE when `train` is set
       model: {tiny: tiny-gpt2, config: {n_layer: 4, n_head: 4, n_embd: 128}}
       train: {steps: 2000, batch_size: 12, lr: 1.0e-3}
+      placement: replicate             # or shard: 1/N per process under several processes
     student:
       model: {tiny: tiny-gpt2, config: {n_layer: 2, n_head: 4, n_embd: 64}}
     train: {steps: 2000, batch_size: 12, lr: 1.0e-3}
@@ -113,6 +114,9 @@ class LoraSpec(Strict):
 class TeacherSpec(Strict):
     model: ModelSpec
     train: LMTrain | None = None  # set: train it here first (plain CE), then distil
+    # under several processes: every process holds the whole teacher (replicate), or
+    # 1/N of its parameters, all-gathered block by block on forward (shard, FSDP2)
+    placement: Literal["replicate", "shard"] = "replicate"
 
     @model_validator(mode="after")
     def _trainable(self):
