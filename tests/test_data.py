@@ -5,6 +5,8 @@ import torch
 
 from darkknowledge.config import DigitsData, IdxData
 from darkknowledge.data import (
+    augment,
+    hflip,
     jitter,
     load_data,
     load_digits_split,
@@ -98,3 +100,39 @@ def test_jitter_shifts_within_bounds_and_is_seeded():
         ys, xs = a[i, 0].nonzero(as_tuple=True)
         assert 1 <= int(ys.min()) <= 5 and 1 <= int(xs.min()) <= 5
     assert len({tuple(a[i, 0].nonzero()[0].tolist()) for i in range(64)}) > 5
+
+
+def test_hflip_mirrors_some_images_and_augment_keeps_the_jitter_stream():
+    x = torch.rand(64, 1, 6, 6, generator=torch.Generator().manual_seed(1))  # asymmetric
+    h = hflip(x, torch.Generator().manual_seed(0))
+    flipped = [not torch.equal(h[i], x[i]) for i in range(64)]
+    for i in range(64):  # each image is itself or its mirror image
+        assert torch.equal(h[i], x[i].flip(-1) if flipped[i] else x[i])
+    assert 16 <= sum(flipped) <= 48
+    # augment="jitter" draws exactly what jitter() draws: earlier jittered runs repeat
+    j = jitter(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(augment(x, "jitter", 2, torch.Generator().manual_seed(0)), j)
+    both = augment(x, "jitter_hflip", 2, torch.Generator().manual_seed(0))
+    mirrored = sum(not torch.equal(both[i], j[i]) for i in range(64))
+    assert all(torch.equal(both[i], j[i]) or torch.equal(both[i], j[i].flip(-1)) for i in range(64))
+    assert 16 <= mirrored <= 48
+
+
+def test_fit_applies_hflip():
+    from darkknowledge.config import TrainConfig
+    from darkknowledge.losses import CE, LossStack
+    from darkknowledge.models import MLP
+    from darkknowledge.train import fit
+
+    train, _ = load_digits_split()
+
+    def weights(aug: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = MLP(train.input_shape, 10, hidden=[16])
+        cfg = TrainConfig(epochs=1, max_steps=5, batch_size=64, augment=aug, seed=0)
+        fit(model, train, cfg, LossStack.of(CE()))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    a, b = weights("hflip"), weights("hflip")
+    assert torch.equal(a, b)  # seeded: the same flips every run
+    assert not torch.equal(a, weights("none"))  # the flips reach the training loop

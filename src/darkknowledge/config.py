@@ -133,7 +133,9 @@ class TrainConfig(Strict):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     schedule: Literal["constant", "cosine", "one_cycle"] = "cosine"
-    augment: Literal["none", "jitter"] = "none"
+    # jitter: random translation by up to jitter_px; hflip: random left-right mirror (for
+    # images where that keeps the class, e.g. Fashion-MNIST, not digits); jitter_hflip: both
+    augment: Literal["none", "jitter", "hflip", "jitter_hflip"] = "none"
     jitter_px: Annotated[int, Field(ge=1, le=8)] = 2
     grad_clip: PosFloat | None = None
     # micro-batches per optimizer step and process: batch_size stays the global batch, its

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import dist
 from .config import TrainConfig
-from .data.vision import ArrayDataset, jitter
+from .data.vision import ArrayDataset, augment
 from .errors import DKError
 from .losses import LossStack, cross_entropy
 from .signals import Signals
@@ -125,8 +125,8 @@ def fit(
         epoch, k = divmod(step, steps_per_epoch)
         idx = _global_batch(n, bs, cfg.seed, epoch, k)
         batch = Batch(train.x[idx], None if train.y is None else train.y[idx], train.ids[idx])
-        if cfg.augment == "jitter":
-            batch.x = jitter(batch.x, cfg.jitter_px, aug_gen)
+        if cfg.augment != "none":
+            batch.x = augment(batch.x, cfg.augment, cfg.jitter_px, aug_gen)
         # ---- the step: forward (teacher no-grad, student), loss terms, update
         total_loss, parts, logits = distill_step(model, teacher, batch, loss)
         opt.zero_grad(set_to_none=True)
@@ -265,8 +265,8 @@ def _fit_distributed(
         epoch, k = divmod(step, steps_per_epoch)
         idx = _global_batch(n, bs, cfg.seed, epoch, k)  # (B,) the same on every process
         gx = train.x[idx]
-        if cfg.augment == "jitter":  # jitter the global batch: one aug stream for all
-            gx = jitter(gx, cfg.jitter_px, aug_gen)
+        if cfg.augment != "none":  # augment the global batch: one aug stream for all
+            gx = augment(gx, cfg.augment, cfg.jitter_px, aug_gen)
         pos = dist.shard(torch.arange(len(idx)))  # this process's rows of the batch
         count = dist.all_reduce_sum(torch.tensor([float(len(pos))], device=dev))
         n_global = float(count.item())  # examples in the global batch (all processes)

@@ -105,6 +105,7 @@ def test_label_train_from_store_and_refusals(tmp_path, capsys):
 
     cases = [
         (["run", str(run), "train.augment=jitter"], "cannot be used with a teacher store"),
+        (["run", str(run), "train.augment=hflip"], "cannot be used with a teacher store"),
         (["run", str(run), "loss.hinton_kd.temperature=4"], "field 'temperature' differs"),
         (["run", str(run), "data.limit=900"], "field 'data' differs"),
         (["run", str(run), "data.name=digits", "data.split_seed=3"], "field 'data' differs"),

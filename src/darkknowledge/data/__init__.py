@@ -9,6 +9,8 @@ from ..errors import DKError
 from .vision import (
     ArrayDataset,
     DataSplits,
+    augment,
+    hflip,
     jitter,
     load_digits_split,
     load_idx_folder,
@@ -20,6 +22,8 @@ from .vision import (
 __all__ = [
     "ArrayDataset",
     "DataSplits",
+    "augment",
+    "hflip",
     "jitter",
     "load_data",
     "load_digits_split",

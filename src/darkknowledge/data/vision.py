@@ -1,5 +1,6 @@
 """Image classification data: IDX files (MNIST, Fashion-MNIST), sklearn digits, splits,
-transfer sets and random-translation jitter. Everything lives in memory as tensors."""
+transfer sets and augmentation (random-translation jitter, left-right flips). Everything
+lives in memory as tensors."""
 
 from __future__ import annotations
 
@@ -182,6 +183,24 @@ def jitter(x: Tensor, px: int, generator: torch.Generator) -> Tensor:
     cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, :]  # (B, 1, W)
     bidx = torch.arange(b)[:, None, None]
     return padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def hflip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image mirrored left-right with probability 1/2. (B, C, H, W)."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def augment(x: Tensor, kind: str, jitter_px: int, generator: torch.Generator) -> Tensor:
+    """``train.augment`` applied to a batch ``(B, C, H, W)``: ``jitter`` (random
+    translation by up to ``jitter_px``), ``hflip`` (random left-right mirror) or
+    ``jitter_hflip`` (both, jitter first). ``jitter`` alone draws exactly what
+    :func:`jitter` draws, so runs from before ``hflip`` existed repeat bit for bit."""
+    if kind in ("jitter", "jitter_hflip"):
+        x = jitter(x, jitter_px, generator)
+    if kind in ("hflip", "jitter_hflip"):
+        x = hflip(x, generator)
+    return x
 
 
 def ignore_labels_like(n: int) -> Tensor:
