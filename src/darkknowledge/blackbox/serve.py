@@ -207,18 +207,17 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
             "data": [{"id": model_name, "object": "model", "owned_by": "local"}],
         }
 
-    @app.post("/v1/chat/completions")
-    def chat(req: ChatReq):
+    def run(req, prompt_of, max_tokens: int, top: int | None):
+        """Check the request and generate: (outs, prompt tokens), or an error response."""
         try:
             stop = check(req)
-            top = (req.top_logprobs or 0) if req.logprobs else None
             top_cap(top)
-            outs, n_prompt = gen.generate(
-                gen.chat_prompt(req.messages),
+            return gen.generate(
+                prompt_of(),
                 n=req.n,
                 temperature=req.temperature,
                 top_p=req.top_p,
-                max_tokens=req.max_completion_tokens or req.max_tokens or 256,
+                max_tokens=max_tokens,
                 seed=req.seed,
                 stop=stop,
                 top_logprobs=top,
@@ -227,6 +226,15 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
             return err(404, str(e), "model_not_found")
         except ValueError as e:
             return err(400, str(e))
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatReq):
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens or req.max_tokens or 256
+        res = run(req, lambda: gen.chat_prompt(req.messages), max_tokens, top)
+        if not isinstance(res, tuple):
+            return res
+        outs, n_prompt = res
         choices = []
         for i, o in enumerate(outs):
             c = {
@@ -255,23 +263,10 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
 
     @app.post("/v1/completions")
     def completions(req: CompletionReq):
-        try:
-            stop = check(req)
-            top_cap(req.logprobs)
-            outs, n_prompt = gen.generate(
-                req.prompt,
-                n=req.n,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                max_tokens=req.max_tokens,
-                seed=req.seed,
-                stop=stop,
-                top_logprobs=req.logprobs,
-            )
-        except LookupError as e:
-            return err(404, str(e), "model_not_found")
-        except ValueError as e:
-            return err(400, str(e))
+        res = run(req, lambda: req.prompt, req.max_tokens, req.logprobs)
+        if not isinstance(res, tuple):
+            return res
+        outs, n_prompt = res
         choices = []
         for i, o in enumerate(outs):
             c = {
