@@ -79,97 +79,9 @@ def fit(
 
     Under a distributed launcher (:mod:`darkknowledge.dist`) each process trains on its
     slice of every global batch and process 0 alone writes files; see
-    :func:`_fit_distributed`.
+    :func:`_fit`.
     """
-    if dist.state().launched or cfg.grad_accum > 1:
-        return _fit_distributed(model, train, cfg, loss, teacher, val, run_dir, resume, desc)
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir) if run_dir is not None else None
-    n, bs = len(train), cfg.batch_size
-    steps_per_epoch = math.ceil(n / bs)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    opt = _optimizer(model, cfg)
-    sched = _scheduler(opt, cfg, total)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 7919)
-    step, resumed_from, metrics_offset = 0, 0, 0
-    ckpt_path = run_dir / CKPT if run_dir else None
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        aug_gen.set_state(state["aug_rng"])
-        step = resumed_from = int(state["step"])
-        metrics_offset = int(state["metrics_bytes"])
-    log = _MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, metrics_offset, resume)
-    if resumed_from:
-        log.write({"event": "resume", "step": step, "phase": desc})
-    every = cfg.checkpoint_every or steps_per_epoch
-    history: list[dict] = []
-    bar = tqdm(
-        total=total,
-        initial=step,
-        desc=desc,
-        file=sys.stderr,
-        leave=False,
-        disable=None,
-        dynamic_ncols=True,
-    )
-    model.train()
-    run_loss = run_acc = None
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        idx = _global_batch(n, bs, cfg.seed, epoch, k)
-        batch = Batch(train.x[idx], None if train.y is None else train.y[idx], train.ids[idx])
-        if cfg.augment != "none":
-            batch.x = augment(batch.x, cfg.augment, cfg.jitter_px, aug_gen)
-        # ---- the step: forward (teacher no-grad, student), loss terms, update
-        total_loss, parts, logits = distill_step(model, teacher, batch, loss)
-        opt.zero_grad(set_to_none=True)
-        total_loss.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if hasattr(model, "apply_constraints"):
-            model.apply_constraints()
-        if sched is not None:
-            sched.step()
-        step += 1
-        # ---- bookkeeping
-        lv = float(total_loss.detach())
-        run_loss = lv if run_loss is None else 0.95 * run_loss + 0.05 * lv
-        if batch.y is not None:
-            acc = float((logits.argmax(-1) == batch.y).float().mean())
-            run_acc = acc if run_acc is None else 0.95 * run_acc + 0.05 * acc
-        bar.update(1)
-        bar.set_postfix(loss=f"{run_loss:.4f}", **({"acc": f"{run_acc:.3f}"} if run_acc else {}))
-        if step % 50 == 0 or step == total:
-            log.write(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": lv,
-                    "lr": opt.param_groups[0]["lr"],
-                    **{f"loss/{k_}": v for k_, v in parts.items()},
-                }
-            )
-        if step % steps_per_epoch == 0 or step == total:
-            rec = {"step": step, "epoch": epoch + 1, "train_loss": run_loss}
-            if val is not None and len(val) and val.y is not None:
-                rec.update(_val_metrics(model, val))
-                model.train()
-            history.append(rec)
-            log.write(rec)
-        if ckpt_path is not None and (step % every == 0) and step < total:
-            _save_checkpoint(ckpt_path, model, opt, sched, aug_gen, step, log.tell())
-    bar.close()
-    log.close()
-    model.eval()
-    return TrainResult(model, step, resumed_from, time.perf_counter() - t0, history)
+    return _fit(model, train, cfg, loss, teacher, val, run_dir, resume, desc)
 
 
 def _global_batch(n: int, bs: int, seed: int, epoch: int, k: int) -> Tensor:
@@ -178,7 +90,7 @@ def _global_batch(n: int, bs: int, seed: int, epoch: int, k: int) -> Tensor:
     return perm[k * bs : (k + 1) * bs]
 
 
-def _fit_distributed(
+def _fit(
     model: nn.Module,
     train: ArrayDataset,
     cfg: TrainConfig,
@@ -189,7 +101,9 @@ def _fit_distributed(
     resume: bool,
     desc: str,
 ) -> TrainResult:
-    """:func:`fit` over several processes and/or micro-batches (``cfg.grad_accum``).
+    """The training loop of :func:`fit`, in one process or several, with or without
+    micro-batches (``cfg.grad_accum``). In one process it is plain training: one slice
+    (the whole batch), weights of exactly 1, no collective calls.
 
     Every process draws the same global batch (and the same jitter for it), keeps its
     contiguous slice (:func:`darkknowledge.dist.shard`) and splits that into
@@ -329,9 +243,7 @@ def _fit_distributed(
             history.append(rec)
             log.write(rec)
         if ckpt_path is not None and (step % every == 0) and step < total:
-            _save_checkpoint_distributed(
-                ckpt_path, net, opt, sched, aug_gen, step, log.tell() if main else 0
-            )
+            _save_checkpoint(ckpt_path, net, opt, sched, aug_gen, step, log.tell() if main else 0)
     bar.close()
     log.close()
     if st.fsdp:
@@ -391,7 +303,7 @@ def _load_train_state(net: nn.Module, opt, msd: dict, osd: dict) -> None:
     opt.load_state_dict(osd)
 
 
-def _save_checkpoint_distributed(path: Path, net, opt, sched, aug_gen, step, metrics_bytes):
+def _save_checkpoint(path: Path, net, opt, sched, aug_gen, step, metrics_bytes):
     """Process 0 writes the checkpoint, with every process's dropout RNG state."""
     msd, osd = _train_state(net, opt)
     dev = dist.state().device
@@ -452,21 +364,6 @@ def _val_metrics(model: nn.Module, val: ArrayDataset, batch_size: int = 1024) ->
         "val_loss": float(cross_entropy(logits, val.y)),
         "val_acc": float((logits.argmax(-1) == val.y).float().mean()),
     }
-
-
-def _save_checkpoint(path: Path, model, opt, sched, aug_gen, step: int, metrics_bytes: int):
-    state = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict() if sched is not None else {},
-        "torch_rng": torch.get_rng_state(),
-        "aug_rng": aug_gen.get_state(),
-        "step": step,
-        "metrics_bytes": metrics_bytes,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the old or the new checkpoint
 
 
 class _MetricsLog:
