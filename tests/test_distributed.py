@@ -171,6 +171,28 @@ def _kill_tree(pid: int) -> None:
         _kill_tree(k)
 
 
+def _kill_after(cmd: list[str], ckpt: Path) -> None:
+    """Start ``cmd`` (a launcher), SIGKILL it and its workers once ``ckpt`` exists."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "run ended before it could be killed"
+    _kill_tree(proc.pid)
+    proc.wait()
+    time.sleep(0.5)
+    assert ckpt.exists()
+
+
+def _one_resume(metrics: Path, processes: int = 2) -> None:
+    """The log of a resumed run: one resume event, no duplicated steps after the cut."""
+    events = [json.loads(x) for x in metrics.read_text().splitlines()]
+    resumes = [e for e in events if e.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["processes"] == processes and resumes[0]["step"] > 0
+    steps = [e["step"] for e in events if "loss" in e]
+    assert steps == sorted(set(steps))
+
+
 @pytest.mark.slow
 def test_killed_two_process_run_resumes(one_process, tmp_path):
     """SIGKILL a two-process run after a checkpoint; resuming it (with two processes)
@@ -180,23 +202,10 @@ def test_killed_two_process_run_resumes(one_process, tmp_path):
     _run(_dk("run", str(recipe), *ov, "--out", str(tmp_path / "clean")))
     killed = tmp_path / "killed"
     ckpt = killed / "student" / "checkpoint.pt"
-    proc = subprocess.Popen(_torchrun(2, "run", str(recipe), *ov, "--out", str(killed)),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, "run ended before it could be killed"
-    _kill_tree(proc.pid)
-    proc.wait()
-    time.sleep(0.5)
-    assert ckpt.exists() and not (killed / "student" / "model.safetensors").exists()
+    _kill_after(_torchrun(2, "run", str(recipe), *ov, "--out", str(killed)), ckpt)
+    assert not (killed / "student" / "model.safetensors").exists()
     _run(_torchrun(2, "run", str(recipe), *ov, "--out", str(killed), "--resume"))
-    lines = (killed / "student" / "metrics.jsonl").read_text().splitlines()
-    events = [json.loads(x) for x in lines]
-    resumes = [e for e in events if e.get("event") == "resume"]
-    assert len(resumes) == 1 and resumes[0]["processes"] == 2 and resumes[0]["step"] > 0
-    steps = [e["step"] for e in events if "loss" in e]
-    assert steps == sorted(set(steps))  # no duplicated log lines after the cut
+    _one_resume(killed / "student" / "metrics.jsonl")
     final = "student/model.safetensors"
     assert _max_diff(tmp_path / "clean" / final, killed / final) <= 1e-4
     assert round(_accuracy(tmp_path / "clean"), 3) == round(_accuracy(killed), 3)

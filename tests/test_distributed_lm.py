@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from test_distributed import ENV, _accelerate, _dk, _kill_tree, _run, _torchrun
+from test_distributed import ENV, _accelerate, _dk, _kill_after, _one_resume, _run, _torchrun
 
 pytest.importorskip("transformers")
 
@@ -162,22 +161,10 @@ def test_killed_two_process_causal_lm_run_resumes(lm_setup):
     clean, killed = d["tmp"] / "clean", d["tmp"] / "killed"
     _run(_dk("run", str(path), *ov, "--out", str(clean)))
     ckpt = killed / "student" / "checkpoint.pt"
-    proc = subprocess.Popen(_torchrun(2, "run", str(path), *ov, "--out", str(killed)),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, "run ended before it could be killed"
-    _kill_tree(proc.pid)
-    proc.wait()
-    time.sleep(0.5)
-    assert ckpt.exists() and not (killed / "student" / "result.json").exists()
+    _kill_after(_torchrun(2, "run", str(path), *ov, "--out", str(killed)), ckpt)
+    assert not (killed / "student" / "result.json").exists()
     _run(_torchrun(2, "run", str(path), *ov, "--out", str(killed), "--resume"))
-    events = [
-        json.loads(x) for x in (killed / "student" / "metrics.jsonl").read_text().splitlines()
-    ]
-    resumes = [e for e in events if e.get("event") == "resume"]
-    assert len(resumes) == 1 and resumes[0]["processes"] == 2 and resumes[0]["step"] > 0
+    _one_resume(killed / "student" / "metrics.jsonl")
     w = "student/model/model.safetensors"
     assert _max_diff(clean / w, killed / w) <= 1e-4
     assert round(_val(clean), 3) == round(_val(killed), 3)
@@ -229,16 +216,8 @@ def test_killed_two_process_text_run_resumes(tmp_path):
     _run(_dk("run", str(recipe), "--out", str(tmp_path / "clean")))
     killed = tmp_path / "killed"
     ckpt = killed / "students" / "distilled" / "seed0" / "ckpt.pt"
-    proc = subprocess.Popen(_torchrun(2, "run", str(recipe), "--out", str(killed)),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 600
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, "run ended before it could be killed"
-    _kill_tree(proc.pid)
-    proc.wait()
-    time.sleep(0.5)
-    assert ckpt.exists() and not (ckpt.parent / "result.json").exists()
+    _kill_after(_torchrun(2, "run", str(recipe), "--out", str(killed)), ckpt)
+    assert not (ckpt.parent / "result.json").exists()
     _run(_torchrun(2, "run", str(recipe), "--out", str(killed), "--resume"))
     part = "students/distilled/seed0/model/model.safetensors"
     assert _max_diff(tmp_path / "clean" / part, killed / part) <= 1e-4
