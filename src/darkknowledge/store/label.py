@@ -175,15 +175,15 @@ def label(
         raise DKError("label: the teacher gave no logits")
     vocab = int(probe.shape[-1])
     spec.validate(vocab)
+    head_mod = None  # signal='head': the teacher's output layer, checked once
     if spec.signal == "auto":
-        spec = _auto_signal(spec, teacher, vocab, x[: min(n, 4)], ids[: min(n, 4)], probe)
+        spec, head_mod = _auto_signal(spec, teacher, vocab, x[: min(n, 4)], ids[: min(n, 4)], probe)
         spec.validate(vocab)
     if spec.tail_prior and spec.signal != "topk":
         raise DKError("label.tail_prior applies to top-k signals only")
     if spec.tail_prior is None:
         spec = replace(spec, tail_prior=spec.signal == "topk" and task == "sequence")
-    head_mod = None
-    if spec.signal == "head":
+    if spec.signal == "head" and head_mod is None:
         name, head_mod = _find_head(teacher, spec.head_layer, vocab)
         spec = replace(spec, head_layer=name)
         _check_head(teacher, head_mod, name, x[: min(n, 4)], ids[: min(n, 4)], probe)
@@ -394,7 +394,7 @@ def _encode(
             # Σ over positions as one (1, N) @ (N, V) product: far cheaper than a sum
             out["tail_sum"] = (w.reshape(1, -1) @ e.reshape(-1, vocab)).squeeze(0).double()
         del e
-        out["topk_ids"] = idx.to(torch.uint16 if vocab <= 65536 else torch.int32)
+        out["topk_ids"] = idx.to(_id_dtype(vocab))
         out["topk_logprobs"] = (
             quantize_q8(vals) if spec.dtype == "q8" else vals.to(FLOAT_DTYPES[spec.dtype])
         )
@@ -521,31 +521,29 @@ def _skip_head(head: nn.Linear | None, captured: dict):
 
 def _auto_signal(
     spec: LabelSpec, teacher: Teacher, vocab: int, x: Tensor, ids: Tensor, probe: Tensor
-) -> LabelSpec:
-    """Resolve ``signal='auto'``: the exact formats when they are no larger."""
+) -> tuple[LabelSpec, nn.Linear | None]:
+    """Resolve ``signal='auto'``: the exact formats when they are no larger. Returns the
+    spec and, for a head store, the (already checked) output layer. ``replace`` resolves
+    an ``auto`` dtype for the chosen signal (``LabelSpec.__post_init__``)."""
     if vocab <= 256:
-        return replace(spec, signal="dense", k=None, dtype=_dtype(spec, "dense"), temperature=1.0)
-    topk = replace(spec, signal="topk", dtype=_dtype(spec, "topk"))
+        return replace(spec, signal="dense", k=None, temperature=1.0), None
+    topk = replace(spec, signal="topk")
     if spec.temperature != 1.0 or spec.dtype == "q8" or spec.tail_prior:
-        return topk
+        return topk, None
     try:
-        name, head = _find_head(teacher, spec.head_layer, vocab)
-        _check_head(teacher, head, name, x, ids, probe)
+        name, head_mod = _find_head(teacher, spec.head_layer, vocab)
+        _check_head(teacher, head_mod, name, x, ids, probe)
     except DKError:
-        return topk
+        return topk, None
+    head = replace(spec, signal="head", k=None, head_layer=name)
     # per position: H floats for the head store; K ids, K log-probs and the tail for top-k
-    idb = 2 if vocab <= 65536 else 4
-    topk_bytes = spec.k * (idb + (1 if topk.dtype == "q8" else FLOAT_BYTES[topk.dtype])) + 4
-    head_dtype = _dtype(spec, "head")
-    if head.in_features * FLOAT_BYTES[head_dtype] <= topk_bytes:
-        return replace(spec, signal="head", k=None, dtype=head_dtype, head_layer=name)
-    return topk
+    lp_bytes = 1 if topk.dtype == "q8" else FLOAT_DTYPES[topk.dtype].itemsize
+    topk_bytes = spec.k * (_id_dtype(vocab).itemsize + lp_bytes) + 4
+    if head_mod.in_features * FLOAT_DTYPES[head.dtype].itemsize <= topk_bytes:
+        return head, head_mod
+    return topk, None
 
 
-FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def _dtype(spec: LabelSpec, signal: str) -> str:
-    if spec.dtype != "auto":
-        return spec.dtype
-    return "q8" if signal == "topk" else "fp16"
+def _id_dtype(vocab: int) -> torch.dtype:
+    """How top-k token ids are stored."""
+    return torch.uint16 if vocab <= 65536 else torch.int32
