@@ -207,8 +207,19 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
             "data": [{"id": model_name, "object": "model", "owned_by": "local"}],
         }
 
-    def run(req, prompt_of, max_tokens: int, top: int | None):
-        """Check the request and generate: (outs, prompt tokens), or an error response."""
+    class Refused(Exception):
+        """A request the server answers with an OpenAI-style error body."""
+
+        def __init__(self, code: int, msg: str, typ: str = "invalid_request_error"):
+            super().__init__(msg)
+            self.code, self.typ = code, typ
+
+    @app.exception_handler(Refused)
+    async def _refused(_req: Request, e: Refused):
+        return err(e.code, str(e), e.typ)
+
+    def run(req, prompt_of, max_tokens: int, top: int | None) -> tuple[list[dict], int]:
+        """Check the request and generate: (outs, prompt tokens); Refused otherwise."""
         try:
             stop = check(req)
             top_cap(top)
@@ -223,18 +234,15 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
                 top_logprobs=top,
             )
         except LookupError as e:
-            return err(404, str(e), "model_not_found")
+            raise Refused(404, str(e), "model_not_found") from None
         except ValueError as e:
-            return err(400, str(e))
+            raise Refused(400, str(e)) from None
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatReq):
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens or 256
-        res = run(req, lambda: gen.chat_prompt(req.messages), max_tokens, top)
-        if not isinstance(res, tuple):
-            return res
-        outs, n_prompt = res
+        outs, n_prompt = run(req, lambda: gen.chat_prompt(req.messages), max_tokens, top)
         choices = []
         for i, o in enumerate(outs):
             c = {
@@ -263,10 +271,7 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
 
     @app.post("/v1/completions")
     def completions(req: CompletionReq):
-        res = run(req, lambda: req.prompt, req.max_tokens, req.logprobs)
-        if not isinstance(res, tuple):
-            return res
-        outs, n_prompt = res
+        outs, n_prompt = run(req, lambda: req.prompt, req.max_tokens, req.logprobs)
         choices = []
         for i, o in enumerate(outs):
             c = {
