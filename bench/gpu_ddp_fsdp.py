@@ -145,21 +145,30 @@ def _lm(a) -> int:
         "student_wall_s": res["wall_s"],
         "s_per_step": res["wall_s"] / res["steps"],
         "run_wall_s": wall,
-        "peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(st.device) / 2**20
-        if cuda
-        else None,
-        "peak_cuda_reserved_mib": torch.cuda.max_memory_reserved(st.device) / 2**20
-        if cuda
-        else None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "val_loss": res["val_loss"],
-        "torch": torch.__version__,
-        "launch": os.environ.get("DK_BENCH_LAUNCH", ""),
-        "smoke": a.smoke,
+        **_machine(st.device, a.smoke),
     }
     _append(a.json, rec)
     dist.shutdown()
     return 0
+
+
+def _machine(device, smoke: bool) -> dict:
+    """The fields every record ends with: peak memory (CUDA, and this process's RSS), the
+    torch version, how it was launched, and whether it was a CPU smoke run."""
+    import torch
+
+    cuda = device.type == "cuda"
+    return {
+        "peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20
+        if cuda
+        else None,
+        "peak_cuda_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20 if cuda else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch": torch.__version__,
+        "launch": os.environ.get("DK_BENCH_LAUNCH", ""),
+        "smoke": smoke,
+    }
 
 
 def _append(path: Path | None, rec: dict) -> None:
@@ -235,17 +244,8 @@ def main() -> int:
         # the last epoch alone: no start-up (process group, first CUDA kernels, caching)
         "s_per_step_last_epoch": _last_epoch_step_s(train["history"]),
         "run_wall_s": wall,
-        "peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(st.device) / 2**20
-        if cuda
-        else None,
-        "peak_cuda_reserved_mib": torch.cuda.max_memory_reserved(st.device) / 2**20
-        if cuda
-        else None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "test_accuracy": res.report["rows"]["student"]["accuracy"],
-        "torch": torch.__version__,
-        "launch": os.environ.get("DK_BENCH_LAUNCH", ""),
-        "smoke": a.smoke,
+        **_machine(st.device, a.smoke),
     }
     _append(a.json, rec)
     dist.shutdown()
