@@ -131,20 +131,25 @@ def test_stop_and_length(served):
         assert "e" not in c["text"] and full["text"].startswith(c["text"])
 
 
-def test_generate_against_served_teacher(served, teacher_dir, tmp_path):
-    url, _ = served
-    rows = problems(6, 1)
+def _generate(url, tmp_path, rows, api: str, *, n: int, max_tokens: int, top: int) -> None:
+    """`dk generate` of ``rows`` against the served tiny model into ``tmp_path/o``, keeping
+    every sample (``select.keep: all``) with ``top`` log-probabilities asked for."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rec = {
         "prompts": {"path": str(prompts), "template": "Q: {question}\nA:"},
-        "teacher": {"base_url": url, "model": "tiny", "api": "completions", "max_top_logprobs": 5},
-        # above the server's cap of 5: clamped to it instead of failing every request
-        "sampling": {"n": 3, "max_tokens": 20, "temperature": 1.0, "seed": 0, "top_logprobs": 8},
+        "teacher": {"base_url": url, "model": "tiny", "api": api, "max_top_logprobs": 5},
+        "sampling": {"n": n, "max_tokens": max_tokens, "temperature": 1.0, "seed": 0,
+                     "top_logprobs": top},
         "select": {"keep": "all"},
-    }
+    }  # fmt: skip
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
     assert main(["generate", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_generate_against_served_teacher(served, teacher_dir, tmp_path):
+    # top_logprobs above the server's cap of 5: clamped to it instead of failing every request
+    _generate(served[0], tmp_path, problems(6, 1), "completions", n=3, max_tokens=20, top=8)
     sft = (tmp_path / "o" / "sft.jsonl").read_text().splitlines()
     assert len(sft) == 18  # keep: all
     assert json.loads(sft[0])["verdict"]["verifier"] == "gsm8k"
@@ -207,18 +212,7 @@ def test_api_logprobs_become_a_topk_store(served, teacher_dir, tmp_path):
     from darkknowledge.losses import sparse_forward_kl
     from darkknowledge.store import open_store
 
-    url, _ = served
-    rows = problems(3, 2)
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rec = {
-        "prompts": {"path": str(prompts), "template": "Q: {question}\nA:"},
-        "teacher": {"base_url": url, "model": "tiny", "api": "chat", "max_top_logprobs": 5},
-        "sampling": {"n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 0, "top_logprobs": 5},
-        "select": {"keep": "all"},
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
-    assert main(["generate", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    _generate(served[0], tmp_path, problems(3, 2), "chat", n=2, max_tokens=12, top=5)
     tok = load_tokenizer(teacher_dir)
     store = logprobs_to_store(tmp_path / "o" / "results.jsonl", tmp_path / "s", tok, dtype="fp16")
     assert store.k == 5 and len(store) == 6 and store.tail_log_prior is None
