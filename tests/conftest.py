@@ -16,3 +16,14 @@ def mnist_dir() -> Path:
     if not d.exists():
         pytest.skip(f"{d} not present")
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test: on a shared 2-core machine a second thread mostly waits."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

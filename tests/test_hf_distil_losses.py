@@ -23,13 +23,7 @@ from darkknowledge.losses import IGNORE_INDEX  # noqa: E402
 MASK_ID, CLS, SEP, PAD = 4, 2, 3, 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine a second thread mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed=0, b=4, t=12):

@@ -27,13 +27,7 @@ SMOKE = ROOT / "recipes" / "tiny-bert_to_l2_sst2-smoke.yaml"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine a second thread mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
