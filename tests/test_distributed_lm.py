@@ -2,7 +2,8 @@
 `dk run` of a `causal_lm` recipe (token-level forward KL, gradient accumulation, chat
 data whose padding gives the processes unequal numbers of valid tokens, so the loss is
 normalised by the all-reduced global count), the same with the teacher sharded over the
-processes (`teacher.placement: shard`), and a `text` recipe.
+processes (`teacher.placement: shard`), the student sharded by FSDP, and a `text`
+recipe.
 
 No dropout: dropout masks come from per-process RNG streams (docs/distributed.md)."""
 
@@ -134,22 +135,73 @@ def test_causal_lm_sharded_teacher_equals_replicated(lm_setup):
         assert 0.45 * full <= local <= 0.55 * full, (local, full)
 
 
+def _fsdp(cmd: list[str]) -> list[str]:
+    """An ``accelerate launch`` command with FSDP instead of DDP."""
+    cmd[cmd.index("--multi_gpu")] = "--use_fsdp"
+    return cmd
+
+
+def test_causal_lm_fsdp_student_equals_one_process(lm_setup):
+    """FSDP2 for the student: one unit per block, a root unit (embeddings, head) that
+    stays gathered for the chunked LM head; each process holds half of the student, and
+    the student is the one-process one (gradient accumulation, unequal valid tokens)."""
+    path, d = lm_setup
+    one, two = d["one"], d["tmp"] / "fsdp"
+    _run(_fsdp(_accelerate(2, "run", str(path), "--out", str(two))))
+    w = "student/model/model.safetensors"
+    diff = _max_diff(one / w, two / w)
+    print(f"causal_lm FSDP: max |w1 - w2| = {diff:.2e}; val loss {_val(one):.5f} / {_val(two):.5f}")
+    assert diff <= 1e-4, diff
+    assert round(_val(one), 3) == round(_val(two), 3)
+    result = json.loads((two / "student" / "result.json").read_text())
+    assert result["fsdp"] and result["processes"] == 2
+    full = sum(v.numel() * v.element_size() for v in load_file(str(one / w)).values())
+    tied = load_file(str(one / w)).keys() >= {"transformer.wte.weight", "lm_head.weight"}
+    if tied:  # saved twice, held once
+        full -= load_file(str(one / w))["lm_head.weight"].numel() * 4
+    for local in result["student_param_bytes_per_process"]:
+        assert 0.4 * full <= local <= 0.6 * full, (local, full)
+
+
 @pytest.mark.slow
 def test_causal_lm_refusals_are_one_line(lm_setup, tmp_path):
-    """Two processes and a micro-batch of one row, or FSDP for the student: one error."""
+    """Two processes and a micro-batch of one row, or FSDP for a LoRA student: one error."""
     path, _ = lm_setup
-    for extra, flag, match in (
-        (["train.batch_size=1"], None, "smaller than the number of processes"),
-        ([], "--use_fsdp", "trained with DDP"),
+    for extra, fsdp, match in (
+        (["train.batch_size=1"], False, "smaller than the number of processes"),
+        (["student.lora={r: 2, target_modules: [c_attn]}"], True, "LoRA student is trained"),
     ):
         cmd = _accelerate(2, "run", str(path), *extra, "--out", str(tmp_path / "x"))
-        if flag:
-            cmd[cmd.index("--multi_gpu")] = flag
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+        res = subprocess.run(
+            _fsdp(cmd) if fsdp else cmd, capture_output=True, text=True, timeout=900, env=ENV
+        )
         assert res.returncode != 0
         errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
         assert len(errors) == 1 and match in errors[0], res.stderr[-2000:]
         assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_killed_fsdp_causal_lm_run_resumes(lm_setup):
+    """SIGKILL a two-process FSDP run after a checkpoint (gathered to process 0); the
+    FSDP resume gives the uninterrupted one-process student; a DDP resume is refused."""
+    path, d = lm_setup
+    ov = ["train.steps=30", "train.checkpoint_every=3", "train.eval_every=10"]
+    clean, killed = d["tmp"] / "clean_f", d["tmp"] / "killed_f"
+    _run(_dk("run", str(path), *ov, "--out", str(clean)))
+    ckpt = killed / "student" / "checkpoint.pt"
+    _kill_after(_fsdp(_accelerate(2, "run", str(path), *ov, "--out", str(killed))), ckpt)
+    res = subprocess.run(
+        _accelerate(2, "run", str(path), *ov, "--out", str(killed), "--resume"),
+        capture_output=True, text=True, timeout=900, env=ENV,
+    )  # fmt: skip
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert res.returncode != 0 and len(errors) == 1 and "with FSDP" in errors[0], res.stderr
+    _run(_fsdp(_accelerate(2, "run", str(path), *ov, "--out", str(killed), "--resume")))
+    _one_resume(killed / "student" / "metrics.jsonl")
+    w = "student/model/model.safetensors"
+    assert _max_diff(clean / w, killed / w) <= 1e-4
+    assert round(_val(clean), 3) == round(_val(killed), 3)
 
 
 @pytest.mark.slow

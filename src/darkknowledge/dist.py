@@ -239,10 +239,34 @@ def shard_for_inference(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
     collective). Without a process group ``root`` is returned as is."""
     if not _grouped():
         return root
-    from torch.distributed.fsdp import fully_shard
-
     for p in root.parameters():
         p.requires_grad_(False)
+    return _shard_blocks(root, blocks)
+
+
+def shard_for_training(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+    """FSDP2 for a student trained with parameters used outside ``root``'s forward.
+
+    The units are those of :func:`shard_for_inference`: one per block, and ``root``
+    holding the rest, left gathered after its forward so the LM head can be applied
+    chunk by chunk after it. The backward pass reduce-scatters every unit's gradients
+    (the head's included: FSDP's end-of-backward callback runs after the loss's own
+    backward), leaving each process 1/N of the gradients and, through an optimizer
+    built from the sharded parameters, 1/N of the optimizer state."""
+    if not _grouped():
+        return root
+    return _shard_blocks(root, blocks)
+
+
+def _shard_blocks(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # a transformers body returns its hidden states as a view; the callers here only
+    # index them (a copy) and never write into them, which is what FSDP warns about
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
     for b in blocks:
         fully_shard(b, reshard_after_forward=True)
     return fully_shard(root, reshard_after_forward=False)

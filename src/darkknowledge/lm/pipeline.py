@@ -44,7 +44,7 @@ from .. import dist as ddist
 from ..errors import DKError
 from ..hf import io as hfio
 from ..pipeline import prepare_run_dir
-from ..train import _MetricsLog, _sync
+from ..train import _load_train_state, _MetricsLog, _sync, _train_state
 from . import models as M
 from .data import (
     IGNORE,
@@ -221,24 +221,44 @@ class Data:
 
 
 @torch.no_grad()
-def val_loss(model, data: Data, batch_size: int = 32, chunk: int = 1024, teacher: bool = False):
-    """Mean next-token cross-entropy (nats) over the validation tokens."""
+def val_loss(
+    model,
+    data: Data,
+    batch_size: int = 32,
+    chunk: int = 1024,
+    teacher: bool = False,
+    root=None,
+):
+    """Mean next-token cross-entropy (nats) over the validation tokens.
+
+    Several processes take turns over the batches. ``root``: the FSDP root of a sharded
+    ``model`` (:func:`darkknowledge.dist.shard_for_training`); its forward gathers the
+    parameters, so every process then runs the same number of forwards (a process
+    without a batch in the last round repeats the first one, uncounted)."""
     was = model.training
     model.eval()
-    dev = next(model.parameters()).device
-    w, b = M.head(model)
-    total, count = 0.0, 0
     st = ddist.state()
-    for i, batch in enumerate(data.val_batches(batch_size, teacher)):
-        if i % st.world != st.rank:  # several processes: each its share of the batches
+    dev = st.device if root is not None else next(model.parameters()).device
+    total, count = 0.0, 0
+    batches = list(data.val_batches(batch_size, teacher))
+    for r in range(math.ceil(len(batches) / st.world)):
+        i = r * st.world + st.rank  # several processes: each its share of the batches
+        if i >= len(batches) and root is None:
+            break
+        batch = batches[i] if i < len(batches) else batches[0]
+        ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+        h = root(ids, mask) if root is not None else M.final_hidden(model, ids, mask)
+        if i >= len(batches):
             continue
-        h = M.final_hidden(model, batch.input_ids.to(dev), batch.attention_mask.to(dev))
+        w, b = M.head(model)  # after the forward: a sharded model's head is gathered now
         valid = batch.valid.to(dev)
         rows, labels = h[valid], batch.labels.to(dev)[valid]
         for lo in range(0, len(rows), chunk):
             logits = F.linear(rows[lo : lo + chunk], w, b).float()
             total += float(F.cross_entropy(logits, labels[lo : lo + chunk], reduction="sum"))
         count += len(rows)
+    if root is not None:
+        root.reshard()
     if st.world > 1:
         total, count = ddist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
         total, count = float(total), int(count)
@@ -317,9 +337,19 @@ class Trainer:
         self.dev = next(model.parameters()).device
         st = ddist.state()
         self.world, self.rank, self.main = st.world, st.rank, st.is_main
-        # several processes: the student's body under DDP (the head is used outside its
-        # forward, chunk by chunk, which DDP allows and FSDP does not)
-        self.net = ddist.wrap(HiddenStates(model), ddp_only=True) if self.world > 1 else None
+        # several processes: the student's body under DDP (the head is applied outside
+        # its forward, chunk by chunk), or sharded by FSDP2 into one unit per block and a
+        # root unit (embeddings, final norm, head) left gathered after its forward
+        self.fsdp = self.world > 1 and st.fsdp
+        self.net = None
+        if self.fsdp:
+            self.net = ddist.shard_for_training(HiddenStates(model), ddist.blocks_of(model))
+            with torch.no_grad():  # the root's forward runs first: it sets FSDP's root up
+                one = torch.ones(1, 1, dtype=torch.long, device=st.device)
+                self.net(one, one)
+            self.net.reshard()
+        elif self.world > 1:
+            self.net = ddist.wrap(HiddenStates(model), ddp_only=True)
         ls = dist.loss
         if dist.mode in ("none", "seqkd"):
             self.spec = TokenLoss(kd_weight=0.0, ce_weight=1.0)
@@ -360,18 +390,52 @@ class Trainer:
             # each process samples its own prompts' continuations; its own seed (the
             # same seed would repeat samples), so on-policy steps differ from one process
             rank_seed = 0 if self.world == 1 else 7_919_993 * (self.rank + 1)
-            for m, (b, _) in enumerate(batches):
-                prompts = b.input_ids[:, : d.prompt_tokens].to(self.dev)
-                seq = sample_continuations(
-                    self.model,
-                    prompts,
-                    d.gen_tokens,
-                    d.sample_temperature,
-                    seed=cfg.seed * 1_000_003 + step * 17 + m + rank_seed,
-                )
-                new.append((_continuation_batch(seq.cpu(), d.prompt_tokens), None))
+            with self._gathered():
+                for m, (b, _) in enumerate(batches):
+                    prompts = b.input_ids[:, : d.prompt_tokens].to(self.dev)
+                    seq = sample_continuations(
+                        self.model,
+                        prompts,
+                        d.gen_tokens,
+                        d.sample_temperature,
+                        seed=cfg.seed * 1_000_003 + step * 17 + m + rank_seed,
+                    )
+                    new.append((_continuation_batch(seq.cpu(), d.prompt_tokens), None))
             batches = new
         return batches, on_policy
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """A sharded student's root unit gathered (generation calls the whole model, not
+        the root; the blocks gather themselves). Every process generates the same number
+        of tokens, so the blocks' all-gathers stay in step."""
+        if not self.fsdp:
+            yield
+            return
+        self.net.unshard()
+        try:
+            yield
+        finally:
+            self.net.reshard()
+
+    def _val_loss(self) -> float:
+        return val_loss(self.model, self.data, root=self.net if self.fsdp else None)
+
+    def _train_state(self, opt) -> tuple[dict, dict]:
+        """Model and optimizer state to checkpoint: whole, on process 0, under FSDP."""
+        if self.fsdp:
+            return _train_state(self.model, opt)
+        return self.model.state_dict(), opt.state_dict()
+
+    def plain_model(self):
+        """The trained model, whole (on every process: collective under FSDP)."""
+        if not self.fsdp:
+            return self.model
+        full = ddist.full_state_dict(self.model)
+        inner = M.unwrap(self.model)
+        plain = type(inner)(inner.config)
+        plain.load_state_dict(full)
+        return plain.eval()
 
     def _micro(
         self,
@@ -439,8 +503,20 @@ class Trainer:
         ckpt = folder / CKPT
         if resume and ckpt.exists():
             state = torch.load(ckpt, weights_only=True, map_location=self.dev)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            if bool(state.get("fsdp", False)) != self.fsdp:
+                # every process finds it; process 0 alone prints it
+                raise (DKError if self.main else ddist.EchoedError)(
+                    f"{ckpt}: written by a run "
+                    + ("with" if state.get("fsdp") else "without")
+                    + " FSDP; resume it the same way (accelerate launch "
+                    + ("with" if state.get("fsdp") else "without")
+                    + " --use_fsdp)"
+                )
+            if self.fsdp:
+                _load_train_state(model, opt, state["model"], state["optimizer"])
+            else:
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
             step = resumed_from = int(state["step"])
             metrics_offset = int(state["metrics_bytes"])
             wall_before = float(state.get("wall_s", 0.0))
@@ -487,18 +563,22 @@ class Trainer:
             if step % 50 == 0 or step == cfg.steps:
                 rec = {"step": step, "loss": loss, "lr": lr, "on_policy": on_policy}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                rec = (rec or {"step": step}) | {"val_loss": val_loss(model, self.data)}
+                rec = (rec or {"step": step}) | {"val_loss": self._val_loss()}
             if rec:
                 log.write(rec)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                # collective under FSDP (the shards are gathered to process 0)
+                msd, osd = self._train_state(opt)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.main:
                 wall = wall_before + time.perf_counter() - t0
                 state = {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
+                    "model": msd,
+                    "optimizer": osd,
                     "step": step,
                     "metrics_bytes": log.tell(),
                     "wall_s": wall,
                     "processes": self.world,
+                    "fsdp": self.fsdp,
                 }
                 torch.save(state, ckpt.with_suffix(".tmp"))
                 os.replace(ckpt.with_suffix(".tmp"), ckpt)
@@ -507,7 +587,7 @@ class Trainer:
         bar.close()
         log.close()
         wall = wall_before + time.perf_counter() - t0
-        vl = val_loss(model, self.data)
+        vl = self._val_loss()
         return {
             "val_loss": vl,
             "steps": step,
@@ -515,7 +595,7 @@ class Trainer:
             "wall_s": wall,
             "on_policy_steps_this_process": n_on_policy,
             "processes": self.world,
-        }
+        } | ({"fsdp": True} if self.fsdp else {})
 
 
 def save_model(model, tok, folder: Path) -> Path:
@@ -526,8 +606,8 @@ def save_model(model, tok, folder: Path) -> Path:
     return hfio.save_pretrained(m, folder, tok)
 
 
-def _finish(trainer: Trainer, result: dict, folder: Path) -> dict:
-    path = save_model(trainer.model, trainer.tok, folder / "model")
+def _finish(model, tok, result: dict, folder: Path) -> dict:
+    path = save_model(model, tok, folder / "model")
     result["model"] = str(path)
     (folder / "result.json").write_text(json.dumps(result, indent=2))
     (folder / CKPT).unlink(missing_ok=True)
@@ -548,7 +628,9 @@ def teacher_phase(recipe: LMRecipe, tok, data: Data, out: Path, resume: bool):
         return model, json.loads(done.read_text())
     model = build_model(tc.model, tok, tc.train.seed, tc.train.dropout).to(dev)
     tr = Trainer(model, tok, data, tc.train, DistillSpec(mode="none"), folder, desc="teacher")
-    res = ddist.on_main(_finish, tr, tr.fit(resume), folder)
+    res = tr.fit(resume)
+    model = tr.plain_model().to(dev)  # whole on every process (it was sharded under FSDP)
+    res = ddist.on_main(_finish, model, tok, res, folder)
     return model.eval(), res
 
 
@@ -602,7 +684,11 @@ def student_phase(
         res["teacher_param_bytes_per_process"] = ddist.all_gather_object(
             ddist.local_param_bytes(teacher)
         )
-    return ddist.on_main(_finish, tr, res, folder)
+    if tr.fsdp:  # the student's too (1/N each)
+        res["student_param_bytes_per_process"] = ddist.all_gather_object(
+            ddist.local_param_bytes(model)
+        )
+    return ddist.on_main(_finish, tr.plain_model(), s_tok, res, folder)
 
 
 def check_processes(recipe: LMRecipe) -> None:
@@ -610,11 +696,11 @@ def check_processes(recipe: LMRecipe) -> None:
     st = ddist.state()
     if st.world == 1:
         return
-    if st.fsdp:
+    if st.fsdp and recipe.student.lora is not None:
         raise DKError(
-            "causal_lm: the student is trained with DDP (its LM head runs chunk by chunk "
-            "outside the model's forward, which FSDP cannot shard); launch without "
-            "--use_fsdp, and shard the teacher with teacher.placement: shard"
+            "causal_lm: a LoRA student is trained with DDP (its trainable weights are "
+            "small); launch without --use_fsdp, and shard the teacher with "
+            "teacher.placement: shard"
         )
     for name, tr in (
         ("train", recipe.train),
