@@ -134,6 +134,8 @@ def _lm(a) -> int:
         "family": "causal_lm",
         "device": torch.cuda.get_device_name(st.device) if cuda else "cpu",
         "processes": st.world,
+        "student_fsdp": st.fsdp,
+        "student_param_bytes_per_process": res.get("student_param_bytes_per_process"),
         "dtype": a.dtype,
         "teacher_placement": a.placement,
         "teacher_param_bytes_per_process": res.get("teacher_param_bytes_per_process"),

@@ -3,7 +3,8 @@
 # distillation recipe: seconds per student step and peak CUDA memory, each configuration
 # in a fresh launch. Then a causal_lm recipe (token-level forward KL, GPT-2 vocabulary):
 # DDP with one process in bf16 and fp32 and, on a machine with 2+ GPUs, 2 processes with
-# the teacher replicated and sharded. Writes docs/results/gpu_ddp_fsdp.json (see
+# the teacher replicated and sharded, and the student under FSDP (1 process; 2 with the
+# teacher sharded). Writes docs/results/gpu_ddp_fsdp.json (see
 # bench/gpu_ddp_fsdp.py).
 #
 #   bench/gpu_ddp_fsdp.sh            # needs a CUDA GPU; ~5 minutes on one H100
@@ -81,6 +82,10 @@ for dtype in bf16 fp32; do
     torchrun1 "${B[@]}" lm-measure --name "lm_ddp_$dtype" --dtype "$dtype" \
         --out "$WORK/lm_ddp_$dtype" --teacher "$LT" --json "$JSON" $SMOKE "${LMDATA[@]}"
 done
+echo "== causal_lm: FSDP, 1 process, bf16"
+DK_BENCH_LAUNCH="accelerate launch --use_fsdp --num_processes 1 --mixed_precision bf16" \
+fsdp1 bf16 "${B[@]}" lm-measure --name lm_fsdp_bf16 --dtype bf16 \
+    --out "$WORK/lm_fsdp_bf16" --teacher "$LT" --json "$JSON" $SMOKE "${LMDATA[@]}"
 # two processes: two GPUs, or (smoke) two CPU processes
 NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
 if [[ -n "$SMOKE" || "$NGPU" -ge 2 ]]; then
@@ -92,5 +97,11 @@ if [[ -n "$SMOKE" || "$NGPU" -ge 2 ]]; then
             --placement "$placement" --out "$WORK/lm_ddp2_$placement" --teacher "$LT" \
             --json "$JSON" $SMOKE "${LMDATA[@]}"
     done
+    echo "== causal_lm: FSDP student, 2 processes, bf16, teacher shard"
+    DK_BENCH_LAUNCH="accelerate launch --use_fsdp --num_processes 2 --mixed_precision bf16" \
+    "$PY" -m accelerate.commands.launch --use_fsdp --num_processes 2 --num_machines 1 \
+        --mixed_precision bf16 --dynamo_backend no --main_process_port "$(port)" \
+        "${B[@]}" lm-measure --name lm_fsdp2_bf16_shard --dtype bf16 --placement shard \
+        --out "$WORK/lm_fsdp2_shard" --teacher "$LT" --json "$JSON" $SMOKE "${LMDATA[@]}"
 fi
 echo "wrote $JSON"

@@ -340,7 +340,7 @@ class Trainer:
         # several processes: the student's body under DDP (the head is applied outside
         # its forward, chunk by chunk), or sharded by FSDP2 into one unit per block and a
         # root unit (embeddings, final norm, head) left gathered after its forward
-        self.fsdp = self.world > 1 and st.fsdp
+        self.fsdp = st.fsdp  # also with one process (accelerate launch --use_fsdp)
         self.net = None
         if self.fsdp:
             self.net = ddist.shard_for_training(HiddenStates(model), ddist.blocks_of(model))
@@ -694,14 +694,14 @@ def student_phase(
 def check_processes(recipe: LMRecipe) -> None:
     """What a multi-process run needs, checked before anything is written."""
     st = ddist.state()
-    if st.world == 1:
-        return
     if st.fsdp and recipe.student.lora is not None:
         raise DKError(
             "causal_lm: a LoRA student is trained with DDP (its trainable weights are "
             "small); launch without --use_fsdp, and shard the teacher with "
             "teacher.placement: shard"
         )
+    if st.world == 1:
+        return
     for name, tr in (
         ("train", recipe.train),
         ("teacher.train", getattr(recipe.teacher, "train", None)),
