@@ -240,37 +240,62 @@ def _text_recipe(tmp_path: Path, **train) -> Path:
     return recipe
 
 
-def test_text_two_processes_equals_one(tmp_path):
-    recipe = _text_recipe(tmp_path)
-    _run(_dk("run", str(recipe), "--out", str(tmp_path / "one")))
-    _run(_accelerate(2, "run", str(recipe), "--out", str(tmp_path / "two")))
+@pytest.fixture(scope="module")
+def text_one(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("text")
+    recipe = _text_recipe(tmp)
+    _run(_dk("run", str(recipe), "--out", str(tmp / "one")))
+    return recipe, tmp / "one"
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_text_two_processes_equals_one(text_one, tmp_path, fsdp):
+    """DDP, or FSDP2 (a unit per encoder layer, the step module around them): the
+    fine-tuned teacher and the distilled student are the one-process ones."""
+    recipe, one = text_one
+    cmd = _accelerate(2, "run", str(recipe), "--out", str(tmp_path / "two"))
+    _run(_fsdp(cmd) if fsdp else cmd)
+    how = "FSDP" if fsdp else "DDP"
     for part in ("teacher/model", "students/distilled/seed0/model"):
-        diff = _max_diff(tmp_path / "one" / part / "model.safetensors",
+        diff = _max_diff(one / part / "model.safetensors",
                          tmp_path / "two" / part / "model.safetensors")  # fmt: skip
-        print(f"text {part}: max |w1 - w2| = {diff:.2e}")
+        print(f"text {how} {part}: max |w1 - w2| = {diff:.2e}")
         assert diff <= 1e-4, (part, diff)
-    res = [json.loads((tmp_path / r / "students/distilled/seed0/result.json").read_text())
-           for r in ("one", "two")]  # fmt: skip
+    res = [json.loads((r / "students/distilled/seed0/result.json").read_text())
+           for r in (one, tmp_path / "two")]  # fmt: skip
     acc = [r["test_accuracy"] for r in res]
     nll = [r["test"]["nll"] for r in res]  # finer than the accuracy of a tiny model
     print(
-        f"text student test accuracy {acc[0]:.4f} / {acc[1]:.4f}, NLL {nll[0]:.5f} / {nll[1]:.5f}"
+        f"text {how} student test accuracy {acc[0]:.4f} / {acc[1]:.4f}, "
+        f"NLL {nll[0]:.5f} / {nll[1]:.5f}"
     )
     assert round(acc[0], 3) == round(acc[1], 3)
     assert round(nll[0], 3) == round(nll[1], 3)
+    if fsdp:  # each process held about half of the student
+        full = load_file(str(one / "students/distilled/seed0/model/model.safetensors"))
+        total = sum(v.numel() * v.element_size() for v in full.values())
+        held = res[1]["fit"]["param_bytes_per_process"]
+        print(f"text FSDP student bytes: full {total}, per process {held}")
+        assert all(0.4 * total <= b <= 0.6 * total for b in held), (held, total)
 
 
 @pytest.mark.slow
-def test_killed_two_process_text_run_resumes(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_killed_two_process_text_run_resumes(tmp_path, fsdp):
     """SIGKILL a two-process text run during student training; resumed with two
-    processes it ends with the uninterrupted one-process student."""
+    processes (the same way: DDP, or FSDP with the checkpoint gathered to process 0)
+    it ends with the uninterrupted one-process student."""
     recipe = _text_recipe(tmp_path, epochs=4)
     _run(_dk("run", str(recipe), "--out", str(tmp_path / "clean")))
     killed = tmp_path / "killed"
     ckpt = killed / "students" / "distilled" / "seed0" / "ckpt.pt"
-    _kill_after(_torchrun(2, "run", str(recipe), "--out", str(killed)), ckpt)
+
+    def launch(*args):
+        return _fsdp(_accelerate(2, *args)) if fsdp else _torchrun(2, *args)
+
+    _kill_after(launch("run", str(recipe), "--out", str(killed)), ckpt)
     assert not (ckpt.parent / "result.json").exists()
-    _run(_torchrun(2, "run", str(recipe), "--out", str(killed), "--resume"))
+    _run(launch("run", str(recipe), "--out", str(killed), "--resume"))
     part = "students/distilled/seed0/model/model.safetensors"
     assert _max_diff(tmp_path / "clean" / part, killed / part) <= 1e-4
     res = [json.loads((r / "students/distilled/seed0/result.json").read_text())

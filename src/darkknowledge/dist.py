@@ -258,6 +258,21 @@ def shard_for_training(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
     return _shard_blocks(root, blocks)
 
 
+def shard_step(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+    """FSDP2 for a module whose forward computes the whole loss (every trainable
+    parameter used inside it): a unit per block, gathered for its forward and backward,
+    and ``root`` holding the rest, gathered for ``root``'s forward. To run the model
+    outside ``root`` (evaluation), call ``root.unshard()`` first and ``root.reshard()``
+    after, on every process alike."""
+    if not _grouped():
+        return root
+    from torch.distributed.fsdp import fully_shard
+
+    for b in blocks:
+        fully_shard(b)
+    return fully_shard(root)
+
+
 def _shard_blocks(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
     import warnings
 

@@ -132,13 +132,22 @@ def _optimizer(params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]]
 def predict(model: nn.Module, enc: Encoded, batch_size: int = 128) -> Tensor:
     """Logits ``(N, C)``; batches of similar length keep the padding small."""
     model.eval()
+    dev = next(model.parameters()).device
     order = torch.argsort(enc.mask.sum(1))
     out = torch.empty(len(enc), model.config.num_labels)
     for i in range(0, len(enc), batch_size):
         idx = order[i : i + batch_size]
         x, m, _, _ = enc.batch(idx)
-        out[idx] = model(input_ids=x, attention_mask=m).logits.float()
+        out[idx] = model(input_ids=x.to(dev), attention_mask=m.to(dev)).logits.float().cpu()
     return out
+
+
+def _device() -> torch.device:
+    """Where models and batches live: the process's device under a launcher (its GPU,
+    or the CPU), else a GPU when there is one."""
+    if dist.launched():
+        return dist.state().device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def accuracy(logits: Tensor, y: Tensor) -> float:
@@ -204,6 +213,22 @@ class _Trainer:
         self.cfg, self.seed, self.work, self.step_fn, self.label = cfg, seed, work, step_fn, label
         self.per_epoch, self.total = _steps(len(train), cfg.epochs, cfg.batch_size)
         self.eval_every = cfg.eval_every or self.per_epoch
+        st = dist.state()
+        self.world, self.rank, self.main = st.world, st.rank, st.is_main
+        self.device = _device()
+        model.to(self.device)
+        if extra is not None:
+            extra.to(self.device)
+        self.net = None
+        # FSDP2 (accelerate launch --use_fsdp): a unit per encoder layer, and the step
+        # module (embeddings, pooler, classifier, projection) around them; the whole loss
+        # is computed inside its forward. The parameters become shards: the optimizer is
+        # built from them, below.
+        self.fsdp = st.fsdp
+        if self.fsdp:
+            self.net = dist.shard_step(_Step(model, extra, step_fn), dist.blocks_of(model))
+        elif self.world > 1:  # DDP over the step module (find_unused: e.g. an idle pooler)
+            self.net = dist.wrap(_Step(model, extra, step_fn), ddp_only=True, find_unused=True)
         mods = [model] + ([extra] if extra is not None else [])
         named = [(n, p) for m in mods for n, p in m.named_parameters() if p.requires_grad]
         self.opt = _optimizer([p for _, p in named], named, cfg.lr, cfg.weight_decay)
@@ -213,22 +238,33 @@ class _Trainer:
         self._epoch, self._batches = -1, []
         self.ckpt = work / "ckpt.pt"
         self.metrics = work / "metrics.jsonl"
-        st = dist.state()
-        self.world, self.rank, self.main = st.world, st.rank, st.is_main
-        self.net = None
-        if self.world > 1:  # DDP over the step module (find_unused: e.g. an idle pooler)
-            self.net = dist.wrap(_Step(model, extra, step_fn), ddp_only=True, find_unused=True)
+
+    def _states(self) -> tuple[dict, dict | None, dict]:
+        """Model, projection and optimizer state, whole (collective under FSDP: on
+        process 0, keyed by parameter name; the optimizer state of a DDP or one-process
+        run is the optimizer's own)."""
+        if not self.fsdp:
+            extra = self.extra.state_dict() if self.extra is not None else None
+            return self.model.state_dict(), extra, self.opt.state_dict()
+        from ..train import _train_state
+
+        msd, osd = _train_state(self.net, self.opt)  # keys "model.…" and "extra.…"
+        model = {k[6:]: v for k, v in msd.items() if k.startswith("model.")}
+        extra = {k[6:]: v for k, v in msd.items() if k.startswith("extra.")}
+        return model, (extra if self.extra is not None else None), osd
 
     def _save(self) -> None:
         rngs = dist.all_gather_object(torch.get_rng_state())  # each process's dropout stream
+        model, extra, opt = self._states()
         if not self.main:
             dist.barrier()
             return
         state = {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "extra": self.extra.state_dict() if self.extra is not None else None,
-            "opt": self.opt.state_dict(),
+            "fsdp": self.fsdp,
+            "model": model,
+            "extra": extra,
+            "opt": opt,
             "sched": self.sched.state_dict(),
             "best_dev": self.best_dev,
             "best_state": self.best_state,
@@ -243,11 +279,24 @@ class _Trainer:
         dist.barrier()
 
     def _load(self) -> None:
-        state = torch.load(self.ckpt, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        if self.extra is not None and state["extra"] is not None:
-            self.extra.load_state_dict(state["extra"])
-        self.opt.load_state_dict(state["opt"])
+        state = torch.load(self.ckpt, weights_only=False, map_location="cpu")
+        if bool(state.get("fsdp", False)) != self.fsdp:
+            how = "with" if state.get("fsdp") else "without"
+            raise (DKError if self.main else dist.EchoedError)(
+                f"{self.ckpt}: written by a run {how} FSDP; resume it the same way "
+                f"(accelerate launch {how} --use_fsdp)"
+            )
+        if self.fsdp:
+            from ..train import _load_train_state
+
+            msd = {f"model.{k}": v for k, v in state["model"].items()}
+            msd |= {f"extra.{k}": v for k, v in (state["extra"] or {}).items()}
+            _load_train_state(self.net, self.opt, msd, state["opt"])
+        else:
+            self.model.load_state_dict(state["model"])
+            if self.extra is not None and state["extra"] is not None:
+                self.extra.load_state_dict(state["extra"])
+            self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.step, self.best_dev = state["step"], state["best_dev"]
         self.best_state, self.best_step = state["best_state"], state["best_step"]
@@ -260,10 +309,18 @@ class _Trainer:
         _log(f"{self.label}: resumed at step {self.step}/{self.total}")
 
     def _evaluate(self, train_loss: float) -> None:
+        if self.fsdp:  # the step module's unit gathered; the layers gather themselves
+            self.net.unshard()
         acc = accuracy(predict(self.model, self.dev), self.dev.y)
+        if self.fsdp:
+            self.net.reshard()
         if acc > self.best_dev:
             self.best_dev, self.best_step = acc, self.step
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_state = (
+                dist.full_state_dict(self.model)  # whole, on CPU (collective)
+                if self.fsdp
+                else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            )
         rec = {
             "step": self.step,
             "epoch": self.step / self.per_epoch,
@@ -283,15 +340,16 @@ class _Trainer:
         Several processes: this process's contiguous slice, its mean loss weighted by
         ``slice / batch × processes`` (DDP averages), so the update is the gradient of the
         mean loss over the whole batch. An empty slice runs one row with weight 0."""
+        dev = self.device
         if self.net is None:
             x, m, y, ids = self.train.batch(idx)
-            loss, _parts = self.step_fn(x, m, y, ids)
+            loss, _parts = self.step_fn(x.to(dev), m.to(dev), y.to(dev), ids)
             loss.backward()
             return float(loss.detach())
         mine = dist.shard(idx)
         w = len(mine) / len(idx)
         x, m, y, ids = self.train.batch(mine if len(mine) else idx[:1])
-        loss, _parts = self.net(x, m, y, ids)
+        loss, _parts = self.net(x.to(dev), m.to(dev), y.to(dev), ids)
         (loss * (w * self.world)).backward()
         share = torch.tensor([float(loss.detach()) * w], dtype=torch.float64)
         return float(dist.all_reduce_sum(share))
@@ -336,14 +394,25 @@ class _Trainer:
             if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
                 self._save()
                 t0 = time.perf_counter()
-        if self.best_state is not None:
+        sharded = {}
+        if self.fsdp:  # what each process held (1/N of the model), then the whole model
+            sharded = {"fsdp": True, "param_bytes_per_process": dist.all_gather_object(
+                dist.local_param_bytes(self.model))}  # fmt: skip
+            self.model = self._plain(self.best_state or dist.full_state_dict(self.model))
+        elif self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return {
             "steps": self.total,
             "best_dev_step": self.best_step,
             "best_dev_accuracy": self.best_dev,
             "train_wall_s": round(self.wall, 1),
-        }
+        } | sharded
+
+    def _plain(self, full: dict):
+        """A whole (unsharded) copy of the model with ``full``, on this process's device."""
+        plain = type(self.model)(self.model.config)
+        plain.load_state_dict(full)
+        return plain.to(self.device).eval()
 
 
 # ------------------------------------------------------------------ stages
@@ -375,7 +444,8 @@ def _finetune_teacher(recipe, model, tok, enc, out: Path, resume: bool) -> dict:
         return loss, {"ce": float(loss.detach())}
 
     tr = _Trainer(model, None, enc["train"], enc["dev"], cfg, cfg.seed, out, step, "teacher")
-    return tr.run(resume)
+    fit = tr.run(resume)
+    return tr.model, fit  # whole again after FSDP
 
 
 def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
@@ -398,6 +468,7 @@ def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
         fit = {}
     if model.config.num_labels != c:
         raise DKError(f"teacher: {model.config.num_labels} outputs but the data has {c} classes")
+    model.to(_device())
     enc = {
         k: encode(tok, s, recipe.data.max_length)
         for k, s in zip(("train", "dev", "test"), splits, strict=True)
@@ -406,7 +477,7 @@ def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
         return model, tok, enc, json.loads(done.read_text())
     if recipe.teacher.finetune is not None and recipe.teacher.checkpoint is None:
         _log(f"teacher: fine-tuning on {len(train)} examples")
-        fit = _finetune_teacher(recipe, model, tok, enc, tdir, resume)
+        model, fit = _finetune_teacher(recipe, model, tok, enc, tdir, resume)
     res = _evaluate_model(model, enc, None) | {"fit": fit}
     dist.on_main(_save_teacher, model, tok, tdir, res)
     _log(f"teacher: dev {res['dev_accuracy']:.4f} test {res['test_accuracy']:.4f}")
@@ -444,13 +515,14 @@ class _Tap(nn.Module):
         self.spec = taps
 
     def forward(self, x: Tensor) -> Tensor:
+        dev = next(self.model.parameters()).device
         m = (x != self.pad_id).long()  # (B, L)
         t = max(int(m.sum(1).max()), 1)
-        x, m = x[:, :t], m[:, :t]
+        x, m = x[:, :t].to(dev), m[:, :t].to(dev)
         out = self.model(input_ids=x, attention_mask=m, output_hidden_states=bool(self.spec))
-        for layer, how in self.spec:
-            self.taps[f"{how}_{layer}"](pool(out.hidden_states[layer], m, how))  # (B, H)
-        return out.logits  # (B, C)
+        for layer, how in self.spec:  # recorded on the CPU, as the store writes them
+            self.taps[f"{how}_{layer}"](pool(out.hidden_states[layer], m, how).cpu())  # (B, H)
+        return out.logits.cpu()  # (B, C)
 
 
 def _taps(recipe: TextRecipe, n_teacher: int) -> list[tuple[int, str]]:
@@ -571,10 +643,11 @@ def student_stage(
                         t_hidden[t] = h if how == "tokens" else pool(h, m, how)
             else:
                 sig = store.get(ids)
-                t_logits = sig.logits  # (B, C)
+                t_logits = sig.logits.to(x.device)  # (B, C)
                 if want_hidden:
                     for t in lmap.values():
-                        t_hidden[t] = sig.hidden[f"taps.{loss_cfg.cosine.pool}_{t}"]  # (B, H)
+                        h = sig.hidden[f"taps.{loss_cfg.cosine.pool}_{t}"]  # (B, H)
+                        t_hidden[t] = h.to(x.device)
         if loss_cfg.hard is not None and loss_cfg.hard.weight > 0:
             parts["hard"] = nn.functional.cross_entropy(logits.float(), y)
             total = total + loss_cfg.hard.weight * parts["hard"]
@@ -607,6 +680,7 @@ def student_stage(
         f"{v.name}/seed{seed}",
     )
     fit = tr.run(resume)
+    student = tr.model  # whole again after FSDP
     res = dist.on_main(_export_student, student, tok, work, enc, teacher_test_logits)
     res.update(
         variant=v.name,
@@ -633,7 +707,7 @@ def _export_student(student, tok, work: Path, enc, teacher_test_logits) -> dict:
         shutil.rmtree(model_dir)
     hfio.save_pretrained(student, model_dir, tok)
     # The export is what users load: check that it reproduces the recorded accuracy.
-    reloaded = hfio.load_model(model_dir, CLF)
+    reloaded = hfio.load_model(model_dir, CLF).to(next(student.parameters()).device)
     res["reloaded_test_accuracy"] = accuracy(predict(reloaded, enc["test"]), enc["test"].y)
     if res["reloaded_test_accuracy"] != res["test_accuracy"]:
         raise DKError(f"{model_dir}: the exported student does not reproduce its accuracy")
@@ -799,11 +873,6 @@ def _check_processes(recipe: TextRecipe) -> None:
     st = dist.state()
     if st.world == 1:
         return
-    if st.fsdp:
-        raise DKError(
-            "text: students and the teacher's fine-tuning run with DDP under several "
-            "processes; launch without --use_fsdp"
-        )
     for v in recipe.variants:
         loss = recipe.variant_loss(v)
         per_token = (loss.cosine is not None and loss.cosine.pool == "tokens") or (
@@ -852,7 +921,7 @@ def _report(recipe, out: Path, splits, enc, teacher, t_res, seeds, results, t_st
     if recipe.eval.speed:
         L, runs = recipe.eval.speed_length, recipe.eval.speed_runs
         rep["speed"] = {"threads": torch.get_num_threads(), "length": L}
-        for name, mdl in (("teacher", teacher), ("student", sample)):
+        for name, mdl in (("teacher", teacher.cpu()), ("student", sample)):  # CPU latency
             rep["speed"][name] = {
                 "b1_ms": time_forward(mdl, 1, L, runs),
                 "b32_ms": time_forward(mdl, 32, L, max(3, runs // 4)),
