@@ -255,6 +255,8 @@ class _Trainer:
 
     def _save(self) -> None:
         rngs = dist.all_gather_object(torch.get_rng_state())  # each process's dropout stream
+        gpu = self.device.type == "cuda"  # dropout on a GPU draws from its own generator
+        cuda = dist.all_gather_object(torch.cuda.get_rng_state(self.device) if gpu else None)
         model, extra, opt = self._states()
         if not self.main:
             dist.barrier()
@@ -272,6 +274,7 @@ class _Trainer:
             "wall": self.wall,
             "rng": _rng_state(),
             "rng_ranks": rngs,
+            "cuda_rng_ranks": cuda,
         }
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -304,6 +307,13 @@ class _Trainer:
         rngs = state.get("rng_ranks") or [state["rng"]["torch"]]
         if len(rngs) == self.world:
             torch.set_rng_state(rngs[self.rank])
+            cuda = state.get("cuda_rng_ranks") or [None]
+            if (
+                self.device.type == "cuda"
+                and len(cuda) == self.world
+                and cuda[self.rank] is not None
+            ):
+                torch.cuda.set_rng_state(cuda[self.rank], self.device)
         else:  # another number of processes: fresh dropout streams
             torch.manual_seed(self.seed + 1_000_003 * self.rank + self.step)
         _log(f"{self.label}: resumed at step {self.step}/{self.total}")
