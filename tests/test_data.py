@@ -136,3 +136,37 @@ def test_fit_applies_hflip():
     a, b = weights("hflip"), weights("hflip")
     assert torch.equal(a, b)  # seeded: the same flips every run
     assert not torch.equal(a, weights("none"))  # the flips reach the training loop
+
+
+def test_transfer_set_with_augmented_copies():
+    from darkknowledge.data import plain_training_set
+
+    cfg = DigitsData(name="digits", transfer={"augment": "jitter_hflip", "copies": 2})
+    d, again = load_data(cfg), load_data(cfg)
+    n = len(d.train)
+    assert len(d.transfer) == 3 * n
+    assert torch.equal(d.transfer.x, again.transfer.x)  # drawn once from a fixed seed
+    assert torch.equal(d.transfer.x[:n], d.train.x) and torch.equal(d.transfer.y[:n], d.train.y)
+    assert torch.equal(d.transfer.y, d.train.y.repeat(3))
+    assert len(set(d.transfer.ids.tolist())) == 3 * n  # copies get ids of their own
+    assert not set(d.transfer.ids.tolist()) & set(d.val.ids.tolist() + d.test.ids.tolist())
+    copy1, copy2 = d.transfer.x[n : 2 * n], d.transfer.x[2 * n :]
+    assert not torch.equal(copy1, d.train.x) and not torch.equal(copy1, copy2)
+    # zero-fill shifts and mirrors never add ink, and most images keep nearly all of it
+    ink, ink1 = d.train.x.sum((1, 2, 3)), copy1.sum((1, 2, 3))
+    assert (ink1 <= ink + 1e-4).all() and (ink1 > 0.8 * ink).float().mean() > 0.5
+    assert plain_training_set(cfg, d) is d.transfer  # the plain baseline sees the same images
+    omit = DigitsData(
+        name="digits", transfer={"omit_classes": [3], "augment": "jitter", "copies": 1}
+    )
+    d3 = load_data(omit)
+    assert 3 not in set(d3.transfer.y.tolist()) and len(d3.transfer) == 2 * int(
+        (d3.train.y != 3).sum()
+    )
+    plain = plain_training_set(omit, d3)  # the full training set, 3s included, plus one copy
+    assert len(plain) == 2 * n and torch.equal(plain.y, d3.train.y.repeat(2))
+    assert plain_training_set(DigitsData(name="digits"), d) is d.train
+    with pytest.raises(ValueError, match="copies=2 with augment=none"):
+        DigitsData(name="digits", transfer={"copies": 2})
+    with pytest.raises(ValueError, match="copies=0 with augment=jitter"):
+        DigitsData(name="digits", transfer={"augment": "jitter"})

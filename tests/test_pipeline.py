@@ -114,3 +114,26 @@ def test_seeds_from_a_store(tmp_path):
         a["rows"]["student"]["errors"],
         b["rows"]["student"]["errors"],
     ]
+
+
+def test_store_of_an_augmented_transfer_set(tmp_path):
+    """Augmented copies of the transfer set are labelled once into a store; a student
+    distils from it, and the plain baseline trains on the same images for as many steps."""
+    from darkknowledge.pipeline import label_recipe, run_recipe
+
+    tiny = {
+        **TINY,
+        "data": {"name": "digits", "transfer": {"augment": "jitter", "copies": 1}},
+        "eval": {"latency": False, "plain_baseline": True},
+        "train": {"epochs": 1, "batch_size": 64},
+    }
+    store = label_recipe(validate_recipe(tiny), tmp_path / "store")
+    rep = run_recipe(
+        validate_recipe({**tiny, "teacher": {"kind": "store", "path": str(tmp_path / "store")}}),
+        tmp_path / "run",
+    ).report
+    n_train = rep["sizes"]["train"]
+    assert rep["sizes"]["transfer"] == len(store) == 2 * n_train
+    rows = rep["rows"]
+    assert rows["student"]["train"]["steps"] == rows["plain"]["train"]["steps"]
+    assert rows["student"]["train"]["steps"] == -(-2 * n_train // 64)

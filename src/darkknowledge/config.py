@@ -96,6 +96,21 @@ class TransferConfig(Strict):
     fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     omit_classes: list[Annotated[int, Field(ge=0)]] = []
     labels: bool = True  # False: an unlabelled transfer set (soft targets only)
+    # Augmented copies added to the transfer set, drawn once with a fixed seed: the teacher
+    # labels every copy once (a store can hold them), the student distils on all of them,
+    # and the plain baseline trains on the training set with the same copies (hard labels)
+    augment: Literal["none", "jitter", "hflip", "jitter_hflip"] = "none"
+    copies: Annotated[int, Field(ge=0)] = 0
+    jitter_px: Annotated[int, Field(ge=1, le=8)] = 2
+
+    @model_validator(mode="after")
+    def _copies_need_augment(self):
+        if (self.copies > 0) != (self.augment != "none"):
+            raise ValueError(
+                f"data.transfer: copies={self.copies} with augment={self.augment}; set both "
+                "(e.g. copies: 4, augment: jitter_hflip) or neither"
+            )
+        return self
 
 
 class _DataBase(Strict):
@@ -263,7 +278,9 @@ class EvalConfig(Strict):
     latency: bool = True  # time CPU latency (batch 1) and throughput (batch 256)
     latency_runs: PosInt = 50
     ece_bins: PosInt = 15
-    plain_baseline: bool = False  # also train the student without a teacher, same budget
+    # also train the student without a teacher, same budget (the training set plus
+    # data.transfer.copies, if any: see data.plain_training_set)
+    plain_baseline: bool = False
     # Extra report row with the student's logit for a class raised by a constant, as in
     # Hinton et al. (2015) §3 after leaving a class out of the transfer set: {3: 3.5}.
     bias_shift: dict[Annotated[int, Field(ge=0)], float] | None = None

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import dist
 from .config import LossConfig, MemberConfig, Recipe, StudentConfig, TrainConfig
-from .data import DataSplits, load_data
+from .data import DataSplits, load_data, plain_training_set
 from .errors import DKError
 from .evaluate import bytes_on_disk, param_count, predict_logits, quality, speed
 from .export import load_weights, save_model
@@ -208,7 +208,7 @@ def run_recipe(
     if recipe.eval.plain_baseline and teacher is not None:
         plain, pinfo = train_student(
             recipe.student,
-            data.train,
+            plain_training_set(recipe.data, data),
             data,
             recipe.train,
             LossStack.of(CE()),
@@ -375,6 +375,9 @@ def summarize_seeds(reports: list[dict], seeds: list[int]) -> dict:
 def data_preprocessing(recipe: Recipe) -> dict:
     """What turned raw data into the labelled inputs (enters the store fingerprint)."""
     d = recipe.data.model_dump(mode="json", exclude={"path"})
+    if d["transfer"] is not None and not d["transfer"]["copies"]:
+        for k in ("augment", "copies", "jitter_px"):  # stores labelled before these existed
+            del d["transfer"][k]
     return {"data": d, "inputs": "float32 images scaled to [0, 1]", "augment": "none"}
 
 

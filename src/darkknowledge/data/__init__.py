@@ -17,6 +17,7 @@ from .vision import (
     make_transfer_set,
     read_idx,
     split_train_val,
+    with_augmented_copies,
 )
 
 __all__ = [
@@ -29,8 +30,10 @@ __all__ = [
     "load_digits_split",
     "load_idx_folder",
     "make_transfer_set",
+    "plain_training_set",
     "read_idx",
     "split_train_val",
+    "with_augmented_copies",
 ]
 
 
@@ -57,4 +60,28 @@ def load_data(cfg: DigitsData | IdxData) -> DataSplits:
         raise DKError(
             "data.transfer: the transfer set is empty; keep more classes or a larger fraction"
         )
+    if t is not None and t.copies:
+        transfer = with_augmented_copies(
+            transfer, t.augment, t.copies, t.jitter_px, cfg.split_seed, _id_stride(train, val, test)
+        )
     return DataSplits(train, val, test, transfer, desc)
+
+
+def plain_training_set(cfg: DigitsData | IdxData, data: DataSplits) -> ArrayDataset:
+    """What a plain baseline trains on: the training set, plus the transfer set's augmented
+    copies (``data.transfer.copies``) with their hard labels: as many images as the
+    distilled student sees, the very same ones when the transfer set is the training set."""
+    t = cfg.transfer
+    if t is None or not t.copies:
+        return data.train
+    if t.fraction == 1.0 and not t.omit_classes and t.labels:
+        return data.transfer  # the transfer set is the training set plus its copies
+    stride = _id_stride(data.train, data.val, data.test)
+    return with_augmented_copies(
+        data.train, t.augment, t.copies, t.jitter_px, cfg.split_seed, stride
+    )
+
+
+def _id_stride(*sets: ArrayDataset) -> int:
+    """Above every example id of the splits: copy k of id i is named i + k · stride."""
+    return 1 + max((int(s.ids.max()) for s in sets if len(s)), default=-1)

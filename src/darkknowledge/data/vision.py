@@ -205,3 +205,22 @@ def augment(x: Tensor, kind: str, jitter_px: int, generator: torch.Generator) ->
 
 def ignore_labels_like(n: int) -> Tensor:
     return torch.full((n,), IGNORE_INDEX, dtype=torch.int64)
+
+
+def with_augmented_copies(
+    ds: ArrayDataset, kind: str, copies: int, jitter_px: int, seed: int, id_stride: int
+) -> ArrayDataset:
+    """``ds`` followed by ``copies`` augmented copies of it, drawn once from ``seed`` (the
+    same set every call). Copy k of the example with id i gets id ``i + k · id_stride``
+    (``id_stride`` > every id in ``ds``), so caches and stores tell the copies apart."""
+    if copies == 0:
+        return ds
+    if len(ds) and int(ds.ids.max()) >= id_stride:
+        raise ValueError(f"id_stride {id_stride} must exceed every example id")
+    g = torch.Generator().manual_seed(30_000 + seed)
+    xs, ids = [ds.x], [ds.ids]
+    for k in range(1, copies + 1):
+        xs.append(torch.cat([augment(c, kind, jitter_px, g) for c in ds.x.split(8192)]))
+        ids.append(ds.ids + k * id_stride)
+    y = None if ds.y is None else ds.y.repeat(copies + 1)
+    return ArrayDataset(torch.cat(xs), y, ds.num_classes, torch.cat(ids))
