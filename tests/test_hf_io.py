@@ -8,7 +8,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from darkknowledge.errors import DKError  # noqa: E402
-from darkknowledge.hf.io import build_tiny, load_model, load_tokenizer, save_pretrained  # noqa: E402
+from darkknowledge.hf.io import (  # noqa: E402
+    build_tiny,
+    load_model,
+    load_tokenizer,
+    save_pretrained,
+    whole_copy,
+)
 
 GPT2_TOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "gpt2"
 
@@ -60,3 +66,20 @@ def test_char_tokenizer_round_trip_and_reload(tmp_path):
     again = load_tokenizer(tmp_path / "t")
     assert again(text)["input_ids"] == ids
     assert tok("~")["input_ids"] == [tok.unk_token_id]
+
+
+def test_whole_copy_keeps_weights_dtype_generation_config_and_rng():
+    """The unsharded copy made after FSDP training: the same weights, in the model's
+    dtype (bf16 stays bf16), with its generation config; its throw-away random init
+    leaves the caller's RNG stream alone."""
+    m = build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=3).to(torch.bfloat16)
+    m.generation_config.max_new_tokens = 7
+    full = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    copy = whole_copy(m, full)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert copy.generation_config.max_new_tokens == 7
+    for k, v in copy.state_dict().items():
+        assert torch.equal(v, full[k]), k

@@ -143,6 +143,23 @@ def load_tokenizer(source: str | os.PathLike, **kwargs):
         raise DKError(f"cannot load tokenizer {str(source)!r}: {first}") from None
 
 
+def whole_copy(model, full: dict):
+    """An ordinary (unsharded) copy of a transformers ``model`` whose parameters are
+    sharded, from its gathered state dict ``full``: the same class and config, the
+    sharded model's dtype (a bf16 student stays bf16) and its generation config."""
+    import copy
+
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):  # the throw-away init leaves the RNG alone
+        plain = type(model)(model.config).to(dtype)
+    plain.load_state_dict(full)
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()
+
+
 def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Save a model (and its tokenizer) with ``save_pretrained`` (safetensors)."""
     out = Path(out_dir)

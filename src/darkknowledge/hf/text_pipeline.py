@@ -324,6 +324,9 @@ class _Trainer:
         acc = accuracy(predict(self.model, self.dev), self.dev.y)
         if self.fsdp:
             self.net.reshard()
+        # process 0's accuracy everywhere: a GPU kernel's last bits could tip an argmax
+        # on one process only, and keeping a new best state is collective under FSDP
+        acc = dist.broadcast_object(acc)
         if acc > self.best_dev:
             self.best_dev, self.best_step = acc, self.step
             self.best_state = (
@@ -420,9 +423,7 @@ class _Trainer:
 
     def _plain(self, full: dict):
         """A whole (unsharded) copy of the model with ``full``, on this process's device."""
-        plain = type(self.model)(self.model.config)
-        plain.load_state_dict(full)
-        return plain.to(self.device).eval()
+        return hfio.whole_copy(self.model, full).to(self.device)
 
 
 # ------------------------------------------------------------------ stages

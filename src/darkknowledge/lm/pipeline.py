@@ -346,7 +346,9 @@ class Trainer:
             self.net = ddist.shard_for_training(HiddenStates(model), ddist.blocks_of(model))
             with torch.no_grad():  # the root's forward runs first: it sets FSDP's root up
                 one = torch.ones(1, 1, dtype=torch.long, device=st.device)
+                model.eval()  # (no dropout draws: the RNG stream is the unsharded run's)
                 self.net(one, one)
+                model.train()
             self.net.reshard()
         elif self.world > 1:
             self.net = ddist.wrap(HiddenStates(model), ddp_only=True)
@@ -431,11 +433,7 @@ class Trainer:
         """The trained model, whole (on every process: collective under FSDP)."""
         if not self.fsdp:
             return self.model
-        full = ddist.full_state_dict(self.model)
-        inner = M.unwrap(self.model)
-        plain = type(inner)(inner.config)
-        plain.load_state_dict(full)
-        return plain.eval()
+        return hfio.whole_copy(M.unwrap(self.model), ddist.full_state_dict(self.model))
 
     def _micro(
         self,
@@ -502,7 +500,9 @@ class Trainer:
         step, metrics_offset, resumed_from, wall_before = 0, 0, 0, 0.0
         ckpt = folder / CKPT
         if resume and ckpt.exists():
-            state = torch.load(ckpt, weights_only=True, map_location=self.dev)
+            # under FSDP the whole state stays on the CPU until it is sharded onto the device
+            where = "cpu" if self.fsdp else self.dev
+            state = torch.load(ckpt, weights_only=True, map_location=where)
             if bool(state.get("fsdp", False)) != self.fsdp:
                 # every process finds it; process 0 alone prints it
                 raise (DKError if self.main else ddist.EchoedError)(
