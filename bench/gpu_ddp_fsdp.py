@@ -103,7 +103,6 @@ def _lm_recipe(smoke: bool, extra: list[str]):
 
 def _lm(a) -> int:
     """``lm-prepare``: train the teacher once; ``lm-measure``: distil a student from it."""
-    import torch
 
     from darkknowledge import dist
     from darkknowledge.lm.pipeline import run_lm_recipe
@@ -119,12 +118,7 @@ def _lm(a) -> int:
         extra += [f"teacher={{model: {{path: {a.teacher}}}, placement: {a.placement}}}"]
     recipe = _lm_recipe(a.smoke, extra)
     st = dist.state()
-    cuda = st.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(st.device)
-    t0 = time.perf_counter()
-    run_lm_recipe(recipe, a.out, force=True)
-    wall = time.perf_counter() - t0
+    _, wall = _timed(lambda: run_lm_recipe(recipe, a.out, force=True))
     if a.what == "lm-prepare" or not st.is_main:
         dist.shutdown()
         return 0
@@ -132,7 +126,7 @@ def _lm(a) -> int:
     rec = {
         "name": a.name,
         "family": "causal_lm",
-        "device": torch.cuda.get_device_name(st.device) if cuda else "cpu",
+        "device": _device_name(st.device),
         "processes": st.world,
         "student_fsdp": st.fsdp,
         "student_param_bytes_per_process": res.get("student_param_bytes_per_process"),
@@ -153,6 +147,27 @@ def _lm(a) -> int:
     _append(a.json, rec)
     dist.shutdown()
     return 0
+
+
+def _timed(run):
+    """``run()`` (one whole recipe run) with this process's CUDA peak-memory counters
+    reset first: its result and its wall seconds."""
+    import torch
+
+    from darkknowledge import dist
+
+    device = dist.state().device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    res = run()
+    return res, time.perf_counter() - t0
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _machine(device, smoke: bool) -> dict:
@@ -211,8 +226,6 @@ def main() -> int:
     if a.what.startswith("lm-"):
         return _lm(a)
 
-    import torch
-
     from darkknowledge import dist
     from darkknowledge.pipeline import run_recipe
 
@@ -223,19 +236,14 @@ def main() -> int:
         extra += ["train.max_steps=1"]
     recipe = _recipe(a.smoke, extra)
     st = dist.state()
-    cuda = st.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(st.device)
-    t0 = time.perf_counter()
-    res = run_recipe(recipe, a.out, force=True)
-    wall = time.perf_counter() - t0
+    res, wall = _timed(lambda: run_recipe(recipe, a.out, force=True))
     if a.what == "prepare" or not st.is_main:
         dist.shutdown()
         return 0
     train = json.loads((a.out / "student" / "train.json").read_text())
     rec = {
         "name": a.name,
-        "device": torch.cuda.get_device_name(st.device) if cuda else "cpu",
+        "device": _device_name(st.device),
         "processes": st.world,
         "fsdp": st.fsdp,
         "mixed_precision": st.mixed_precision,
