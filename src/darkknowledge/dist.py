@@ -98,6 +98,27 @@ def is_main() -> bool:
     return state().is_main
 
 
+def default_device() -> torch.device:
+    """Where a run's models and batches live: this process's device under a launcher
+    (its GPU, or the CPU), else a GPU when there is one."""
+    if launched():
+        return state().device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_checkpoint_sharding(path, written_with_fsdp: bool) -> None:
+    """A checkpoint resumes the way it was written: FSDP's optimizer state is keyed by
+    parameter name, DDP's by position. Otherwise a one-line error (every process finds
+    it; process 0 alone prints it)."""
+    if written_with_fsdp == state().fsdp:
+        return
+    how = "with" if written_with_fsdp else "without"
+    raise (DKError if is_main() else EchoedError)(
+        f"{path}: written by a run {how} FSDP; resume it the same way "
+        f"(accelerate launch {how} --use_fsdp)"
+    )
+
+
 def barrier() -> None:
     if _grouped():
         torch.distributed.barrier()
@@ -266,14 +287,12 @@ def shard_step(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
     after, on every process alike."""
     if not _grouped():
         return root
-    from torch.distributed.fsdp import fully_shard
-
-    for b in blocks:
-        fully_shard(b)
-    return fully_shard(root)
+    return _shard_blocks(root, blocks, keep_root=False)
 
 
-def _shard_blocks(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+def _shard_blocks(root: nn.Module, blocks: list[nn.Module], keep_root: bool = True) -> nn.Module:
+    """A unit per block (gathered for its forward, and again for its backward), then
+    ``root`` with the rest, left gathered after its forward when ``keep_root``."""
     import warnings
 
     from torch.distributed.fsdp import fully_shard
@@ -284,7 +303,7 @@ def _shard_blocks(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
 
     for b in blocks:
         fully_shard(b, reshard_after_forward=True)
-    return fully_shard(root, reshard_after_forward=False)
+    return fully_shard(root, reshard_after_forward=not keep_root)
 
 
 def local_param_bytes(model: nn.Module) -> int:

@@ -142,14 +142,6 @@ def predict(model: nn.Module, enc: Encoded, batch_size: int = 128) -> Tensor:
     return out
 
 
-def _device() -> torch.device:
-    """Where models and batches live: the process's device under a launcher (its GPU,
-    or the CPU), else a GPU when there is one."""
-    if dist.launched():
-        return dist.state().device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
@@ -215,7 +207,7 @@ class _Trainer:
         self.eval_every = cfg.eval_every or self.per_epoch
         st = dist.state()
         self.world, self.rank, self.main = st.world, st.rank, st.is_main
-        self.device = _device()
+        self.device = dist.default_device()
         model.to(self.device)
         if extra is not None:
             extra.to(self.device)
@@ -283,12 +275,7 @@ class _Trainer:
 
     def _load(self) -> None:
         state = torch.load(self.ckpt, weights_only=False, map_location="cpu")
-        if bool(state.get("fsdp", False)) != self.fsdp:
-            how = "with" if state.get("fsdp") else "without"
-            raise (DKError if self.main else dist.EchoedError)(
-                f"{self.ckpt}: written by a run {how} FSDP; resume it the same way "
-                f"(accelerate launch {how} --use_fsdp)"
-            )
+        dist.check_checkpoint_sharding(self.ckpt, bool(state.get("fsdp", False)))
         if self.fsdp:
             from ..train import _load_train_state
 
@@ -479,7 +466,7 @@ def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
         fit = {}
     if model.config.num_labels != c:
         raise DKError(f"teacher: {model.config.num_labels} outputs but the data has {c} classes")
-    model.to(_device())
+    model.to(dist.default_device())
     enc = {
         k: encode(tok, s, recipe.data.max_length)
         for k, s in zip(("train", "dev", "test"), splits, strict=True)

@@ -67,12 +67,6 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------- set-up
 
 
-def _device() -> torch.device:
-    if ddist.launched():
-        return ddist.state().device  # this process's device (its GPU, or the CPU)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class HiddenStates(torch.nn.Module):
     """``model``'s body as a module: ``(input_ids, attention_mask)`` → final hidden
     states. What DDP wraps (the LM head is applied outside, chunk by chunk) and the root
@@ -503,15 +497,7 @@ class Trainer:
             # under FSDP the whole state stays on the CPU until it is sharded onto the device
             where = "cpu" if self.fsdp else self.dev
             state = torch.load(ckpt, weights_only=True, map_location=where)
-            if bool(state.get("fsdp", False)) != self.fsdp:
-                # every process finds it; process 0 alone prints it
-                raise (DKError if self.main else ddist.EchoedError)(
-                    f"{ckpt}: written by a run "
-                    + ("with" if state.get("fsdp") else "without")
-                    + " FSDP; resume it the same way (accelerate launch "
-                    + ("with" if state.get("fsdp") else "without")
-                    + " --use_fsdp)"
-                )
+            ddist.check_checkpoint_sharding(ckpt, bool(state.get("fsdp", False)))
             if self.fsdp:
                 _load_train_state(model, opt, state["model"], state["optimizer"])
             else:
@@ -620,7 +606,7 @@ def _finish(model, tok, result: dict, folder: Path) -> dict:
 def teacher_phase(recipe: LMRecipe, tok, data: Data, out: Path, resume: bool):
     """A teacher trained here once (plain CE), or loaded when already trained."""
     tc = recipe.teacher
-    dev = _device()
+    dev = ddist.default_device()
     folder = out / "teacher"
     done = folder / "result.json"
     if done.exists():
@@ -664,7 +650,7 @@ def student_phase(
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    dev = _device()
+    dev = ddist.default_device()
     cfg = recipe.train.model_copy(update={"seed": seed})
     model = build_model(recipe.student.model, s_tok, seed, cfg.dropout)
     if recipe.student.lora is not None:
@@ -726,7 +712,7 @@ def run_lm_recipe(
     ddist.on_main(prepare_run_dir, out, recipe, resume, force)
     s_tok, t_tok, text = load_tokenizers(recipe)
     data = Data(recipe, s_tok, t_tok, text)
-    dev = _device()
+    dev = ddist.default_device()
     # ---- pre-flight, before any training (a teacher trained here: its architecture)
     teacher, t_info, probe_t = None, {}, None
     if recipe.teacher is not None:
