@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,14 @@ def _kill_after(cmd: list[str], ckpt: Path) -> None:
     assert ckpt.exists()
 
 
+def _kill_then_resume(launch, args: list[str], out: Path, ckpt: Path, done: Path) -> None:
+    """``launch(*args)`` into ``out``, SIGKILLed once ``ckpt`` exists (before ``done``,
+    a file of the finished run, is written), then the same command with ``--resume``."""
+    _kill_after(launch(*args, "--out", str(out)), ckpt)
+    assert not done.exists()
+    _run(launch(*args, "--out", str(out), "--resume"))
+
+
 def _one_resume(metrics: Path, processes: int = 2) -> None:
     """The log of a resumed run: one resume event, no duplicated steps after the cut."""
     events = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -202,9 +211,8 @@ def test_killed_two_process_run_resumes(one_process, tmp_path):
     _run(_dk("run", str(recipe), *ov, "--out", str(tmp_path / "clean")))
     killed = tmp_path / "killed"
     ckpt = killed / "student" / "checkpoint.pt"
-    _kill_after(_torchrun(2, "run", str(recipe), *ov, "--out", str(killed)), ckpt)
-    assert not (killed / "student" / "model.safetensors").exists()
-    _run(_torchrun(2, "run", str(recipe), *ov, "--out", str(killed), "--resume"))
+    done = killed / "student" / "model.safetensors"
+    _kill_then_resume(partial(_torchrun, 2), ["run", str(recipe), *ov], killed, ckpt, done)
     _one_resume(killed / "student" / "metrics.jsonl")
     final = "student/model.safetensors"
     assert _max_diff(tmp_path / "clean" / final, killed / final) <= 1e-4

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import json
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from test_distributed import ENV, _accelerate, _dk, _kill_after, _one_resume, _run, _torchrun
+from test_distributed import (
+    ENV,
+    _accelerate,
+    _dk,
+    _kill_after,
+    _kill_then_resume,
+    _one_resume,
+    _run,
+    _torchrun,
+)
 
 pytest.importorskip("transformers")
 
@@ -213,9 +223,8 @@ def test_killed_two_process_causal_lm_run_resumes(lm_setup):
     clean, killed = d["tmp"] / "clean", d["tmp"] / "killed"
     _run(_dk("run", str(path), *ov, "--out", str(clean)))
     ckpt = killed / "student" / "checkpoint.pt"
-    _kill_after(_torchrun(2, "run", str(path), *ov, "--out", str(killed)), ckpt)
-    assert not (killed / "student" / "result.json").exists()
-    _run(_torchrun(2, "run", str(path), *ov, "--out", str(killed), "--resume"))
+    done = killed / "student" / "result.json"
+    _kill_then_resume(partial(_torchrun, 2), ["run", str(path), *ov], killed, ckpt, done)
     _one_resume(killed / "student" / "metrics.jsonl")
     w = "student/model/model.safetensors"
     assert _max_diff(clean / w, killed / w) <= 1e-4
@@ -293,9 +302,7 @@ def test_killed_two_process_text_run_resumes(tmp_path, fsdp):
     def launch(*args):
         return _fsdp(_accelerate(2, *args)) if fsdp else _torchrun(2, *args)
 
-    _kill_after(launch("run", str(recipe), "--out", str(killed)), ckpt)
-    assert not (ckpt.parent / "result.json").exists()
-    _run(launch("run", str(recipe), "--out", str(killed), "--resume"))
+    _kill_then_resume(launch, ["run", str(recipe)], killed, ckpt, ckpt.parent / "result.json")
     part = "students/distilled/seed0/model/model.safetensors"
     assert _max_diff(tmp_path / "clean" / part, killed / part) <= 1e-4
     res = [json.loads((r / "students/distilled/seed0/result.json").read_text())
