@@ -116,6 +116,35 @@ def test_seeds_from_a_store(tmp_path):
     ]
 
 
+def test_seed_list_spreads_a_study_over_processes(tmp_path, capsys):
+    """`--seeds 1,` runs seed 1 alone (another process can run seed 0 at the same time);
+    `--seeds 0,1 --resume` then runs only what is missing and sums up both seeds."""
+    import yaml
+
+    from darkknowledge.pipeline import label_recipe
+
+    tiny = {**TINY, "eval": {"latency": False}, "train": {"epochs": 1, "batch_size": 64}}
+    label_recipe(validate_recipe(tiny), tmp_path / "store")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny))
+    store = f"teacher={{kind: store, path: '{tmp_path / 'store'}'}}"
+    out = tmp_path / "runs"
+    args = ["run", str(recipe), store, "--out", str(out)]
+    assert main([*args, "--seeds", "1,"]) == 0
+    assert not (out / "seed_0").exists()
+    s1 = (out / "seed_1" / "report.json").read_text()
+    assert main([*args, "--seeds", "0,1", "--resume"]) == 0
+    assert (out / "seed_1" / "report.json").read_text() == s1  # finished: not rerun
+    s = json.loads((out / "summary.json").read_text())
+    assert s["seeds"] == [0, 1]
+    assert s["rows"]["student"]["errors"][1] == json.loads(s1)["rows"]["student"]["errors"]
+    capsys.readouterr()
+    for bad in ("0", "x", "1,x", "1,1", "1,-2"):
+        assert main([*args, "--seeds", bad]) != 0, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --seeds"), (bad, err)
+
+
 def test_store_of_an_augmented_transfer_set(tmp_path):
     """Augmented copies of the transfer set are labelled once into a store; a student
     distils from it, and the plain baseline trains on the same images for as many steps."""

@@ -22,10 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="delete an existing run directory first")
     r.add_argument(
         "--seeds",
-        type=int,
-        metavar="N",
+        metavar="N|S,S,...",
         help="run student seeds 0..N-1 into OUT/seed_<s> (teacher trained once) and "
-        "print mean ± sd",
+        "print mean ± sd; a comma list (e.g. 1,2 or 2,) runs exactly those seeds, so that "
+        "one study can be spread over processes and summed up with --resume",
     )
 
     v = sub.add_parser("validate", help="check a recipe and print it resolved")
@@ -68,6 +68,26 @@ def _parser() -> argparse.ArgumentParser:
 
     add_blackbox_parsers(sub)
     return p
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: ``N`` is seeds 0..N-1; a comma list (``1,2``, ``2,``) is exactly those."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        nums = [int(p) for p in parts if p]
+    except ValueError:
+        nums = []
+    if "," not in text:
+        if len(nums) != 1 or nums[0] < 1:
+            raise DKError(
+                f"--seeds {text}: give a number of seeds ≥ 1, or a comma list such as 1,2"
+            )
+        return list(range(nums[0]))
+    if not nums or len(nums) != len([p for p in parts if p]) or min(nums) < 0:
+        raise DKError(f"--seeds {text}: a seed list is whole numbers ≥ 0 separated by commas")
+    if len(set(nums)) != len(nums):
+        raise DKError(f"--seeds {text}: a seed is listed twice")
+    return nums
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,9 +198,7 @@ def _dispatch_one(args) -> int:
 
         name, recipe, _ = load_family_recipe(args.recipe, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
-        if args.seeds is not None and args.seeds < 1:
-            raise DKError("--seeds: give a number of seeds ≥ 1")
-        seeds = list(range(args.seeds)) if args.seeds is not None else None
+        seeds = _seed_list(args.seeds) if args.seeds is not None else None
         print(runner(name)(recipe, out, resume=args.resume, force=args.force, seeds=seeds))
         return 0
     if args.cmd == "run":
@@ -194,12 +212,10 @@ def _dispatch_one(args) -> int:
             from .pipeline import run_seeds
             from .report import seeds_table
 
-            if args.seeds < 1:
-                raise DKError("--seeds: give a number of seeds ≥ 1")
             summary = run_seeds(
                 args.recipe,
                 args.overrides,
-                list(range(args.seeds)),
+                _seed_list(args.seeds),
                 out,
                 resume=args.resume,
                 force=args.force,
