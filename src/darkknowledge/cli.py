@@ -72,19 +72,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _seed_list(text: str) -> list[int]:
     """``--seeds``: ``N`` is seeds 0..N-1; a comma list (``1,2``, ``2,``) is exactly those."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        nums = [int(p) for p in parts if p]
-    except ValueError:
-        nums = []
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    if not items or not all(p.isdigit() for p in items):
+        raise DKError(
+            f"--seeds {text}: give a number of seeds ≥ 1, or a comma list of seeds ≥ 0 such as 1,2"
+        )
+    nums = [int(p) for p in items]
     if "," not in text:
-        if len(nums) != 1 or nums[0] < 1:
-            raise DKError(
-                f"--seeds {text}: give a number of seeds ≥ 1, or a comma list such as 1,2"
-            )
+        if nums[0] < 1:
+            raise DKError(f"--seeds {text}: give a number of seeds ≥ 1")
         return list(range(nums[0]))
-    if not nums or len(nums) != len([p for p in parts if p]) or min(nums) < 0:
-        raise DKError(f"--seeds {text}: a seed list is whole numbers ≥ 0 separated by commas")
     if len(set(nums)) != len(nums):
         raise DKError(f"--seeds {text}: a seed is listed twice")
     return nums
