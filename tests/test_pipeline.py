@@ -139,7 +139,7 @@ def test_seed_list_spreads_a_study_over_processes(tmp_path, capsys):
     assert s["seeds"] == [0, 1]
     assert s["rows"]["student"]["errors"][1] == json.loads(s1)["rows"]["student"]["errors"]
     capsys.readouterr()
-    for bad in ("0", "x", "1,x", "1,1", "1,-2"):
+    for bad in ("0", "x", "1,x", "1,1", "1,-2", "²", "1,²"):
         assert main([*args, "--seeds", bad]) != 0, bad
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: --seeds"), (bad, err)

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 def _seed_list(text: str) -> list[int]:
     """``--seeds``: ``N`` is seeds 0..N-1; a comma list (``1,2``, ``2,``) is exactly those."""
     items = [p.strip() for p in text.split(",") if p.strip()]
-    if not items or not all(p.isdigit() for p in items):
+    if not items or not all(p.isdecimal() for p in items):
         raise DKError(
             f"--seeds {text}: give a number of seeds ≥ 1, or a comma list of seeds ≥ 0 such as 1,2"
         )
