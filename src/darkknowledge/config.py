@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -139,25 +140,106 @@ DataConfig = Annotated[DigitsData | IdxData, Field(discriminator="name")]
 # ---------------------------------------------------------------- training
 
 
+NonNeg = Annotated[float, Field(ge=0.0)]
+
+
 class TrainConfig(Strict):
-    epochs: PosInt = 10
-    max_steps: PosInt | None = None
+    """The ``train:`` section of every family's recipe (and of a teacher trained first):
+    one class, read by the one engine (:mod:`darkknowledge.engine`).
+
+    A family fills in its own defaults for the keys a recipe leaves out
+    (:func:`with_defaults`): a language model trains by ``steps`` with warm-up, a
+    classifier by ``epochs``. Length: ``epochs`` passes over the training set and/or
+    ``steps`` optimizer steps (both set: the smaller). ``warmup``: steps (≥ 1), or a
+    fraction of all steps (< 1). ``decay``: weight decay on every parameter (``all``) or
+    only on matrices (``matrices``: not biases, norms, embeddings' 1-D scales)."""
+
+    epochs: PosFloat | None = 10
+    steps: PosInt | None = None
     batch_size: PosInt = 128
+    # micro-batches per optimizer step and process: batch_size stays the global batch, its
+    # share on each process is split into grad_accum forward/backward passes
+    grad_accum: PosInt = 1
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: PosFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    schedule: Literal["constant", "cosine", "one_cycle"] = "cosine"
+    min_lr: NonNeg = 0.0  # cosine: the rate it decays to
+    weight_decay: NonNeg = 0.0
+    decay: Literal["all", "matrices"] = "all"
+    beta2: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999  # adamw
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9  # sgd (Nesterov when > 0)
+    schedule: Literal["constant", "cosine", "linear", "one_cycle"] = "cosine"
+    warmup: NonNeg = 0.0
+    grad_clip: PosFloat | None = None
     # jitter: random translation by up to jitter_px; hflip: random left-right mirror (for
     # images where that keeps the class, e.g. Fashion-MNIST, not digits); jitter_hflip: both
     augment: Literal["none", "jitter", "hflip", "jitter_hflip"] = "none"
     jitter_px: Annotated[int, Field(ge=1, le=8)] = 2
-    grad_clip: PosFloat | None = None
-    # micro-batches per optimizer step and process: batch_size stays the global batch, its
-    # share on each process is split into grad_accum forward/backward passes
-    grad_accum: PosInt = 1
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the forward passes
     seed: int = 0
     checkpoint_every: PosInt | None = None  # steps; None: at the end of every epoch
+    eval_every: PosInt | None = None  # steps; None: at the end of every epoch
+    log_every: PosInt = 50  # steps between metrics.jsonl lines
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_max_steps(cls, data):
+        # recipes written before the one engine said max_steps
+        if isinstance(data, dict) and "max_steps" in data:
+            data = dict(data)
+            if data.get("steps") is not None:
+                raise ValueError("give steps or max_steps (its older name), not both")
+            data["steps"] = data.pop("max_steps")
+        return data
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.epochs is None and self.steps is None:
+            raise ValueError("train: give epochs or steps")
+        if self.warmup >= 1 and self.warmup != int(self.warmup):
+            raise ValueError(
+                f"train.warmup={self.warmup}: a number of steps (whole) or a fraction < 1"
+            )
+        return self
+
+    @property
+    def max_steps(self) -> int | None:  # the older name
+        return self.steps
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run, given the steps of one epoch."""
+        import math
+
+        total = None
+        if self.epochs is not None:
+            total = max(1, math.ceil(self.epochs * steps_per_epoch))
+        if self.steps is not None:
+            total = self.steps if total is None else min(total, self.steps)
+        return int(total)
+
+    def warmup_steps(self, total: int) -> int:
+        if self.warmup <= 0:
+            return 0
+        if self.warmup < 1:  # a fraction: at least one step
+            return max(1, int(self.warmup * total))
+        return int(self.warmup)
+
+
+def with_defaults(section, defaults: dict):
+    """A recipe's ``train:`` mapping with a family's defaults under the keys it leaves out.
+
+    ``epochs``/``steps`` count as one choice: a recipe that names either takes neither
+    default of the other."""
+    if section is None:
+        return dict(defaults)
+    if not isinstance(section, dict):
+        return section  # the schema reports the wrong type
+    out = dict(defaults)
+    if any(k in section for k in ("epochs", "steps", "max_steps")):
+        out.pop("epochs", None)
+        out.pop("steps", None)
+        out.setdefault("epochs", None)
+    out.update(section)
+    return out
 
 
 # ---------------------------------------------------------------- teachers
@@ -275,8 +357,17 @@ class LossConfig(Strict):
 
 
 class EvalConfig(Strict):
-    latency: bool = True  # time CPU latency (batch 1) and throughput (batch 256)
-    latency_runs: PosInt = 50
+    """The ``eval:`` section of every family's recipe: what the report measures."""
+
+    # time the models on the CPU: latency at batch 1 and throughput (classify: batch 256;
+    # text: batch 32 at sequence length latency_length); ``speed`` is the text family's
+    # older name
+    latency: bool = Field(True, validation_alias=AliasChoices("latency", "speed"))
+    latency_runs: PosInt = Field(50, validation_alias=AliasChoices("latency_runs", "speed_runs"))
+    latency_length: PosInt = Field(
+        64, validation_alias=AliasChoices("latency_length", "speed_length")
+    )
+    batch_size: PosInt = 128  # evaluation batches
     ece_bins: PosInt = 15
     # also train the student without a teacher, same budget (the training set plus
     # data.transfer.copies, if any: see data.plain_training_set)

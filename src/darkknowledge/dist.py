@@ -331,3 +331,53 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().cpu() for k, v in full.items()}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def train_state(net: nn.Module, opt) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state on CPU; collective under FSDP."""
+    if state().fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(
+            net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, opt.state_dict()
+
+
+def load_train_state(net: nn.Module, opt, msd: dict, osd: dict) -> None:
+    """Inverse of :func:`train_state` (collective under FSDP)."""
+    if state().fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            net,
+            opt,
+            model_state_dict=msd,
+            optim_state_dict=osd,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        return
+    net.load_state_dict(msd)
+    opt.load_state_dict(osd)
+
+
+def no_sync(net: nn.Module | None, last: bool):
+    """A context: gradient all-reduce only on a step's last micro-batch (DDP, FSDP2)."""
+    import contextlib
+
+    if last or net is None:
+        return contextlib.nullcontext()
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def off():
+            net.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                net.set_requires_gradient_sync(True)
+
+        return off()
+    return contextlib.nullcontext()

@@ -8,12 +8,10 @@ directory and is skipped when already finished, resumed when interrupted.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from . import dist
@@ -144,36 +142,11 @@ def _save_student(model, info: dict, model_cfg: StudentConfig, shape, nc: int, f
     (folder / CKPT).unlink(missing_ok=True)
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
+def prepare_run_dir(run_dir: Path, recipe, resume: bool, force: bool, family: str = "classify"):
     """Refuse to mix runs: an existing run is continued (--resume) or replaced (--force)."""
-    resolved = dump_recipe(recipe)
-    cfg_file = run_dir / "config.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if force:
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise DKError(
-                f"{run_dir}: run directory already exists; add --resume to continue it, "
-                "--force to start over, or --out for a new one"
-            )
-        elif cfg_file.exists() and cfg_file.read_text() != resolved:
-            old = yaml.safe_load(cfg_file.read_text())
-            new = yaml.safe_load(resolved)
-            key = _first_difference(old, new)
-            raise DKError(
-                f"{run_dir}: cannot resume, the recipe differs from the run's config.yaml "
-                f"at {key}; resume with the same recipe and overrides, or use --out"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file.write_text(resolved)
+    from .engine.rundir import prepare_run_dir as prepare
 
-
-def _first_difference(a, b, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return prefix.rstrip(".") or "(top level)"
+    prepare(run_dir, dump_recipe(recipe), family, resume, force)
 
 
 def run_recipe(
