@@ -1,12 +1,18 @@
-"""What a teacher hands to the loss stack.
+"""What a teacher hands to the loss stack, and the protocol it hands it through.
 
 A teacher may give any subset of these. Classification: one distribution per example,
 shapes ``(B, V)``; token sequences: one per position, ``(B, T, V)`` with ``mask (B, T)``.
+
+:class:`Batch` and :class:`Teacher` live here, in the lowest layer, so that the signal
+store (which labels with a teacher) and the teachers (one of which reads a store) both
+import them from below instead of from each other. :mod:`darkknowledge.teachers`
+re-exports them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -99,3 +105,20 @@ class Signals:
             temperature=parts[0].temperature,
             tail_log_prior=parts[0].tail_log_prior,
         )
+
+
+@dataclass
+class Batch:
+    """One batch. ``x (B, ...)`` inputs, ``y (B,)`` labels or None, ``ids (B,)`` example
+    ids (stable across epochs: caches and stores look signals up by them)."""
+
+    x: Tensor
+    y: Tensor | None
+    ids: Tensor
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """Given a batch, return the teacher's signals. Called under no-grad."""
+
+    def signals(self, batch: Batch) -> Signals: ...

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import dist
 from ..errors import DKError
-from ..teachers import Batch, Teacher
+from ..signals import Batch, Teacher
 from . import fingerprint as fp
 from .format import (
     FLOAT_DTYPES,

@@ -2,36 +2,21 @@
 
 Transports behind one protocol: a local module, an ensemble, a per-run cache of a
 teacher's outputs for fixed inputs, and a signal store written by ``dk label``
-(:mod:`.store`). (Remote APIs plug in the same way.)
+(:mod:`.store`). (Remote APIs plug in the same way.) The protocol, :class:`Teacher`, and
+the :class:`Batch` it takes are defined in :mod:`darkknowledge.signals` (below both the
+teachers and the store, which labels with a teacher) and re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..signals import Signals
-
-
-@dataclass
-class Batch:
-    """One batch. ``x (B, ...)`` inputs, ``y (B,)`` labels or None, ``ids (B,)`` example
-    ids (stable across epochs: caches and stores look signals up by them)."""
-
-    x: Tensor
-    y: Tensor | None
-    ids: Tensor
-
-
-@runtime_checkable
-class Teacher(Protocol):
-    """Given a batch, return the teacher's signals. Called under no-grad."""
-
-    def signals(self, batch: Batch) -> Signals: ...
+from ..signals import Batch, Signals, Teacher
+from .store import StoreTeacher
 
 
 class ModuleTeacher:
@@ -113,7 +98,5 @@ class CachedTeacher:
     def modules(self) -> list[nn.Module]:
         return getattr(self.inner, "modules", list)()
 
-
-from .store import StoreTeacher  # noqa: E402  (needs Batch and Teacher above)
 
 __all__ = ["Batch", "CachedTeacher", "Ensemble", "ModuleTeacher", "StoreTeacher", "Teacher"]

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..signals import Signals
+from ..errors import DKError
+from ..signals import Batch, Signals
+from ..store import SignalStore
 
 
 class StoreTeacher:
@@ -20,18 +22,14 @@ class StoreTeacher:
     """
 
     def __init__(self, store, expect: dict | None = None):
-        from ..store import SignalStore
-
         self.store = store if isinstance(store, SignalStore) else SignalStore(Path(store))
         if expect:
             self.store.check(expect)
 
-    def signals(self, batch) -> Signals:
+    def signals(self, batch: Batch) -> Signals:
         try:
             return self.store.get(batch.ids)
         except KeyError as e:
-            from ..errors import DKError
-
             raise DKError(f"{e.args[0]}: the store was labelled for other examples") from None
 
     def modules(self) -> list[nn.Module]:
