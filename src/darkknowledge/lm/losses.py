@@ -18,11 +18,13 @@ gives the update of one big batch. An all-masked input gives 0 with zero (finite
 gradients. Logits in bf16/fp16 are promoted to fp32 inside the divergence and every
 divergence is clamped at 0, so half precision never gives a negative loss.
 
-Divergences (``kind``): forward_kl (Hinton et al. 2015), reverse_kl (Gu et al. 2024,
-MiniLLM), jsd (generalised JSD_β of Agarwal et al. 2024, GKD; β = 0 / 1 are forward /
-reverse KL), tvd (Wen et al. 2023), skew_kl = KL(p_t ‖ α·p_t + (1−α)·p_s) and skew_rkl =
-KL(p_s ‖ α·p_s + (1−α)·p_t) (Ko et al. 2024, DistiLLM). The same divergences run on a
-top-k + tail teacher (stored signals), compared on the K + 1 buckets of
+Divergences (``kind``): any name in the divergence registry
+(:mod:`darkknowledge.losses.registry`): forward_kl (Hinton et al. 2015), reverse_kl (Gu
+et al. 2024, MiniLLM), jsd (generalised JSD_β of Agarwal et al. 2024, GKD; β = 0 / 1 are
+forward / reverse KL), tvd (Wen et al. 2023), skew_kl = KL(p_t ‖ α·p_t + (1−α)·p_s) and
+skew_rkl = KL(p_s ‖ α·p_s + (1−α)·p_t) (Ko et al. 2024, DistiLLM), and whatever is
+registered later. The same functions serve the dense classification losses and a top-k
++ tail teacher (stored signals), compared on the K + 1 buckets of
 :mod:`darkknowledge.losses.sparse`.
 """
 
@@ -35,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses.divergences import _kl_per_position, _up
+from ..losses.divergences import _up
+from ..losses.registry import DIVERGENCES, get_divergence
 from ..losses.sparse import buckets
 from . import fast
 
@@ -43,7 +46,13 @@ from . import fast
 # autograd path is the reference (tests compare the two) and serves the other divergences.
 CLOSED_FORM = True
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl")
+
+def __getattr__(name: str):
+    # KINDS is read from the registry on every access (PEP 562), so a divergence
+    # registered after import is a known kind too; a module constant would go stale.
+    if name == "KINDS":
+        return tuple(DIVERGENCES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,7 @@ class TokenLoss:
     ce_weight: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown divergence {self.kind!r}; known: {', '.join(KINDS)}")
+        get_divergence(self.kind)  # ValueError naming the registered kinds
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"jsd: beta must be in [0, 1], got {self.beta}")
         if not 0.0 <= self.skew < 1.0:
@@ -68,33 +76,14 @@ class TokenLoss:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
-def _mix_log(a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """log(α·e^a + (1−α)·e^b) for log-probabilities a, b."""
-    if alpha == 0.0:
-        return b
-    la = torch.log(torch.tensor(alpha, dtype=a.dtype))
-    lb = torch.log(torch.tensor(1.0 - alpha, dtype=a.dtype))
-    return torch.logaddexp(a + la, b + lb)
-
-
 def divergence_from_logprobs(s: Tensor, t: Tensor, spec: TokenLoss) -> Tensor:
     """Per-position divergence ``(n,)`` from student / teacher log-probabilities ``(n, V)``
-    (or bucketed ``(n, K+1)``). Never negative."""
-    k = spec.kind
-    if k == "forward_kl" or (k == "jsd" and spec.beta == 0.0):
-        return _kl_per_position(t, s)
-    if k == "reverse_kl" or (k == "jsd" and spec.beta == 1.0):
-        return _kl_per_position(s, t)
-    if k == "jsd":
-        m = _mix_log(t, s, spec.beta)
-        return (
-            spec.beta * _kl_per_position(t, m) + (1.0 - spec.beta) * _kl_per_position(s, m)
-        ).clamp_min(0.0)
-    if k == "tvd":
-        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
-    if k == "skew_kl":
-        return _kl_per_position(t, _mix_log(t, s, spec.skew))
-    return _kl_per_position(s, _mix_log(s, t, spec.skew))  # skew_rkl
+    (or bucketed ``(n, K+1)``): the registry's ``spec.kind``, with the parameters it
+    declares taken from the spec's fields of the same name (``beta``, ``skew``); a
+    parameter the spec has no field for keeps the divergence's default. Never negative."""
+    div = get_divergence(spec.kind)
+    params = {p: getattr(spec, p) for p in div.params if hasattr(spec, p)}
+    return div(s, t, **params)
 
 
 def dense_divergence(s_logits: Tensor, t_logits: Tensor, spec: TokenLoss) -> Tensor:

@@ -1,9 +1,11 @@
-"""Distillation losses: pure functions (:mod:`.divergences`; top-k + tail in :mod:`.sparse`)
-and named terms (:mod:`.stack`)."""
+"""Distillation losses: one registry of per-position divergences (:mod:`.registry`),
+pure loss functions on it (:mod:`.divergences`; top-k + tail in :mod:`.sparse`) and
+named terms (:mod:`.stack`)."""
 
 from .divergences import (
     IGNORE_INDEX,
     cross_entropy,
+    divergence_loss,
     forward_kl,
     hinton_kd,
     jsd,
@@ -11,8 +13,16 @@ from .divergences import (
     reverse_kl,
     tvd,
 )
+from .registry import (
+    DIVERGENCES,
+    Divergence,
+    get_divergence,
+    per_position,
+    register_divergence,
+)
 from .sparse import (
     reconstruct,
+    sparse_divergence_loss,
     sparse_forward_kl,
     sparse_hinton_kd,
     sparse_jsd,
@@ -23,20 +33,27 @@ from .stack import CE, JSD, TVD, ForwardKL, HintonKD, LossStack, ReverseKL
 
 __all__ = [
     "CE",
+    "DIVERGENCES",
     "IGNORE_INDEX",
     "JSD",
     "TVD",
+    "Divergence",
     "ForwardKL",
     "HintonKD",
     "LossStack",
     "ReverseKL",
     "cross_entropy",
+    "divergence_loss",
     "forward_kl",
+    "get_divergence",
     "hinton_kd",
     "jsd",
     "masked_mean",
+    "per_position",
     "reconstruct",
+    "register_divergence",
     "reverse_kl",
+    "sparse_divergence_loss",
     "sparse_forward_kl",
     "sparse_hinton_kd",
     "sparse_jsd",

@@ -3,6 +3,12 @@
 Shapes: logits are ``(..., V)``; ``mask`` (optional) is ``(...)`` with 1/True at valid
 positions. Every function computes in fp32 (or fp64 if given fp64), reduces by the mean
 over valid positions, and returns 0 with finite gradients when nothing is valid.
+
+The per-position divergences themselves live in :mod:`.registry` (written once, shared
+with the top-k + tail forms of :mod:`.sparse` and the chunked LM-head losses of
+:mod:`darkknowledge.lm.losses`); this module turns logits into log-probabilities at a
+temperature and averages. :func:`divergence_loss` does that for any registered name;
+``forward_kl`` / ``reverse_kl`` / ``jsd`` / ``tvd`` are its named forms.
 """
 
 from __future__ import annotations
@@ -11,12 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# _kl_per_position is re-exported: it was importable from here before the registry.
+from .registry import _kl_per_position, _up, get_divergence  # noqa: F401
+
 IGNORE_INDEX = -100
-
-
-def _up(x: Tensor) -> Tensor:
-    """Half-precision inputs are promoted to fp32; fp64 stays fp64 (for references)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def masked_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
@@ -31,15 +35,26 @@ def masked_mean(per_position: Tensor, mask: Tensor | None) -> Tensor:
     return (per_position * m).sum() / m.sum().clamp_min(1.0)
 
 
-def _kl_per_position(p_log: Tensor, q_log: Tensor) -> Tensor:
-    """KL(p ‖ q) per position from log-probabilities (..., V) -> (...).
+def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T) ``(..., V)``, in fp32 (fp64 kept)."""
+    return F.log_softmax(_up(logits) / temperature, dim=-1)
 
-    Uses p·(log p − log q) with 0·log 0 = 0, so one-hot or underflowed p is safe, and
-    clamps at 0 to remove tiny negative rounding (bf16 inputs).
-    """
-    p = p_log.exp()
-    diff = torch.where(p > 0, p_log - q_log, torch.zeros_like(p_log))
-    return (p * diff).sum(-1).clamp_min(0.0)
+
+def divergence_loss(
+    name: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    **params: float,
+) -> Tensor:
+    """Registered divergence ``name`` between softmax(teacher/T) and softmax(student/T)
+    (logits ``(..., V)``), mean over valid positions; ``params`` go to the divergence
+    (``beta`` for jsd, ``skew`` for skew_kl / skew_rkl)."""
+    div = get_divergence(name)  # an unknown name fails before any softmax
+    s = log_probs(student_logits, temperature)  # (..., V)
+    t = log_probs(teacher_logits, temperature)  # (..., V)
+    return masked_mean(div(s, t, **params), mask)
 
 
 def forward_kl(
@@ -53,9 +68,7 @@ def forward_kl(
     Mode-covering; the divergence of Hinton et al. (2015) "Distilling the Knowledge in a
     Neural Network". No T² factor here (see :func:`hinton_kd`).
     """
-    s = F.log_softmax(_up(student_logits) / temperature, dim=-1)  # (..., V)
-    t = F.log_softmax(_up(teacher_logits) / temperature, dim=-1)  # (..., V)
-    return masked_mean(_kl_per_position(t, s), mask)
+    return divergence_loss("forward_kl", student_logits, teacher_logits, temperature, mask)
 
 
 def reverse_kl(
@@ -65,9 +78,7 @@ def reverse_kl(
     mask: Tensor | None = None,
 ) -> Tensor:
     """Reverse KL(p_student ‖ p_teacher), mode-seeking (Gu et al. 2024, "MiniLLM")."""
-    s = F.log_softmax(_up(student_logits) / temperature, dim=-1)
-    t = F.log_softmax(_up(teacher_logits) / temperature, dim=-1)
-    return masked_mean(_kl_per_position(s, t), mask)
+    return divergence_loss("reverse_kl", student_logits, teacher_logits, temperature, mask)
 
 
 def jsd(
@@ -84,19 +95,7 @@ def jsd(
     As in GKD, β = 0 is defined as forward KL and β = 1 as reverse KL (near the ends
     JSD_β/β → KL(p_t‖p_s) and JSD_β/(1−β) → KL(p_s‖p_t)).
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd: beta must be in [0, 1], got {beta}")
-    if beta == 0.0:
-        return forward_kl(student_logits, teacher_logits, temperature, mask)
-    if beta == 1.0:
-        return reverse_kl(student_logits, teacher_logits, temperature, mask)
-    s = F.log_softmax(_up(student_logits) / temperature, dim=-1)  # (..., V)
-    t = F.log_softmax(_up(teacher_logits) / temperature, dim=-1)  # (..., V)
-    log_beta = torch.log(torch.tensor(beta, dtype=s.dtype))
-    log_1mb = torch.log(torch.tensor(1.0 - beta, dtype=s.dtype))
-    m = torch.logsumexp(torch.stack([t + log_beta, s + log_1mb]), dim=0)  # (..., V)
-    per = beta * _kl_per_position(t, m) + (1.0 - beta) * _kl_per_position(s, m)
-    return masked_mean(per, mask)
+    return divergence_loss("jsd", student_logits, teacher_logits, temperature, mask, beta=beta)
 
 
 def tvd(
@@ -107,9 +106,7 @@ def tvd(
 ) -> Tensor:
     """Total variation distance ½·Σ|p_t − p_s| (Wen et al. 2023, "f-Divergence
     Minimization for Sequence-Level Knowledge Distillation"), in [0, 1]."""
-    s = F.softmax(_up(student_logits) / temperature, dim=-1)
-    t = F.softmax(_up(teacher_logits) / temperature, dim=-1)
-    return masked_mean(0.5 * (t - s).abs().sum(-1), mask)
+    return divergence_loss("tvd", student_logits, teacher_logits, temperature, mask)
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -151,7 +148,9 @@ def hinton_kd(
         raise ValueError(f"hinton_kd: temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"hinton_kd: alpha must be in [0, 1], got {alpha}")
-    soft = temperature**2 * forward_kl(student_logits, teacher_logits, temperature, mask)
+    # the registry's forward_kl: the same KL as every other form, only scaled by T²
+    kl = divergence_loss("forward_kl", student_logits, teacher_logits, temperature, mask)
+    soft = temperature**2 * kl
     if labels is None:
         return soft
     return alpha * soft + (1.0 - alpha) * cross_entropy(student_logits, labels, mask)

@@ -29,6 +29,12 @@ Shapes: ``student_logits (..., V)``, ``ids (..., K)`` int64, ``logprobs (..., K)
 input gives 0 with finite gradients. ``temperature`` divides the student logits; the
 teacher's log-probs must have been stored at that same temperature (the store records
 it and training refuses a mismatch).
+
+The divergence on the buckets is the registry's (:mod:`.registry`), the same function
+the dense forms use on the full ``V``: :func:`sparse_divergence_loss` takes any
+registered name; ``sparse_forward_kl`` / ``sparse_reverse_kl`` / ``sparse_jsd`` /
+``sparse_tvd`` are its named forms. Only the prior-tail KL is its own computation (it
+compares with a V-wide reconstruction without building it).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .divergences import _kl_per_position, _up, cross_entropy, masked_mean
+from .divergences import _up, cross_entropy, masked_mean
+from .registry import get_divergence
 
 # A finite stand-in for −∞ in the student's tail: keeps logsumexp's gradient finite
 # when the top-k covers every output (an empty tail).
@@ -83,8 +90,26 @@ def sparse_forward_kl(
         return masked_mean(
             _prior_kl(student_logits, ids, logprobs, tail, log_prior, temperature), mask
         )
-    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
-    return masked_mean(_kl_per_position(t, s), mask)
+    return sparse_divergence_loss(
+        "forward_kl", student_logits, ids, logprobs, tail, temperature, mask
+    )
+
+
+def sparse_divergence_loss(
+    name: str,
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    tail: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    **params: float,
+) -> Tensor:
+    """Registered divergence ``name`` on the K + 1 buckets (:func:`buckets`), mean over
+    valid positions; ``params`` go to the divergence (``beta``, ``skew``)."""
+    div = get_divergence(name)  # an unknown name fails before any softmax
+    s, t = buckets(student_logits, ids, logprobs, tail, temperature)  # (..., K+1) each
+    return masked_mean(div(s, t, **params), mask)
 
 
 def _prior_kl(
@@ -129,8 +154,9 @@ def sparse_reverse_kl(
     mask: Tensor | None = None,
 ) -> Tensor:
     """KL(p_student ‖ p_teacher) on the buckets (Gu et al. 2024, "MiniLLM")."""
-    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
-    return masked_mean(_kl_per_position(s, t), mask)
+    return sparse_divergence_loss(
+        "reverse_kl", student_logits, ids, logprobs, tail, temperature, mask
+    )
 
 
 def sparse_jsd(
@@ -144,18 +170,9 @@ def sparse_jsd(
 ) -> Tensor:
     """Generalised JSD_β on the buckets (Agarwal et al. 2024, GKD); β = 0 / 1 are
     forward / reverse KL, as in the dense version."""
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd: beta must be in [0, 1], got {beta}")
-    if beta == 0.0:
-        return sparse_forward_kl(student_logits, ids, logprobs, tail, temperature, mask)
-    if beta == 1.0:
-        return sparse_reverse_kl(student_logits, ids, logprobs, tail, temperature, mask)
-    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
-    log_beta = torch.log(torch.tensor(beta, dtype=s.dtype))
-    log_1mb = torch.log(torch.tensor(1.0 - beta, dtype=s.dtype))
-    m = torch.logsumexp(torch.stack([t + log_beta, s + log_1mb]), dim=0)  # (..., K+1)
-    per = beta * _kl_per_position(t, m) + (1.0 - beta) * _kl_per_position(s, m)
-    return masked_mean(per, mask)
+    return sparse_divergence_loss(
+        "jsd", student_logits, ids, logprobs, tail, temperature, mask, beta=beta
+    )
 
 
 def sparse_tvd(
@@ -167,8 +184,7 @@ def sparse_tvd(
     mask: Tensor | None = None,
 ) -> Tensor:
     """Total variation ½·Σ|p_t − p_s| on the buckets (Wen et al. 2023), in [0, 1]."""
-    s, t = buckets(student_logits, ids, logprobs, tail, temperature)
-    return masked_mean(0.5 * (t.exp() - s.exp()).abs().sum(-1), mask)
+    return sparse_divergence_loss("tvd", student_logits, ids, logprobs, tail, temperature, mask)
 
 
 def sparse_hinton_kd(
