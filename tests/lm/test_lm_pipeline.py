@@ -110,7 +110,7 @@ def test_resume_equals_uninterrupted(text, tmp_path, monkeypatch):
     ref = hfio.load_model(tmp_path / "a" / "student" / "model", "AutoModelForCausalLM")
 
     calls = {"n": 0}
-    real = P.Trainer._micro
+    real = P.LMTask.forward
 
     def crash_once(self, *a, **k):
         if self.desc.startswith("student"):
@@ -119,11 +119,11 @@ def test_resume_equals_uninterrupted(text, tmp_path, monkeypatch):
                 raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(P.Trainer, "_micro", crash_once)
+    monkeypatch.setattr(P.LMTask, "forward", crash_once)
     with pytest.raises(KeyboardInterrupt):
         run(d, tmp_path / "b")
     assert (tmp_path / "b" / "student" / P.CKPT).exists()
-    monkeypatch.setattr(P.Trainer, "_micro", real)
+    monkeypatch.setattr(P.LMTask, "forward", real)
     run(d, tmp_path / "b", resume=True)
     res = json.loads((tmp_path / "b" / "student" / "result.json").read_text())
     assert res["resumed_from"] == 3

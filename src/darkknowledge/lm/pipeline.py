@@ -32,19 +32,18 @@ import json
 import math
 import os
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import dist as ddist
+from ..engine import checkpoint as engine_ckpt
+from ..engine import train as engine_train
+from ..engine.rundir import prepare_run_dir
 from ..errors import DKError
 from ..hf import io as hfio
-from ..pipeline import prepare_run_dir
-from ..train import _load_train_state, _MetricsLog, _sync, _train_state
+from ..recipe_io import dump_recipe
 from . import models as M
 from .data import (
     IGNORE,
@@ -58,9 +57,9 @@ from .data import (
 )
 from .losses import TokenLoss, chunked_head_loss
 from .preflight import preflight
-from .recipe import ChatData, DistillSpec, LMRecipe, LMTrain, TextData, TinyModel
+from .recipe import ChatData, DistillSpec, LMRecipe, TextData, TinyModel
 
-CKPT = "checkpoint.pt"
+CKPT = engine_ckpt.NAME
 Tensor = torch.Tensor
 
 
@@ -105,7 +104,7 @@ def load_tokenizers(recipe: LMRecipe):
     return s_tok, (t_tok if recipe.teacher else None), text
 
 
-def build_model(spec, tok, seed: int, dropout: float = 0.0):
+def build_model(spec, tok, seed: int):
     """A causal LM: a tiny one from its config (vocabulary = the tokenizer's) or a folder."""
     if isinstance(spec, TinyModel):
         over = dict(spec.config)
@@ -115,7 +114,7 @@ def build_model(spec, tok, seed: int, dropout: float = 0.0):
                 over.setdefault(key, getattr(tok, key))
         if spec.tiny == "tiny-gpt2":
             for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-                over.setdefault(key, dropout)
+                over.setdefault(key, spec.dropout)
         return hfio.build_tiny(spec.tiny, "AutoModelForCausalLM", seed=seed, **over)
     return hfio.load_model(spec.path, "AutoModelForCausalLM")
 
@@ -177,6 +176,11 @@ class Data:
     @property
     def chat(self) -> bool:
         return self.text is None
+
+    def steps_per_epoch(self, batch_size: int, accum: int) -> int:
+        """Optimizer steps that see about every training example (block) once."""
+        n = len(self.train) if self.text is None else len(self.text.train_ids) // self.text.block
+        return max(n // (batch_size * accum), 1)
 
     def batches(self, seed: int, step: int, batch_size: int, accum: int):
         """The micro-batches of one step: (student batch, teacher batch or None) pairs."""
@@ -263,23 +267,6 @@ def val_loss(
 # ---------------------------------------------------------------- training
 
 
-def _lr(step: int, cfg: LMTrain) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / (cfg.warmup + 1)
-    frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg.lr - cfg.min_lr)
-
-
-def _optimizer(model, cfg: LMTrain):
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
-        lr=cfg.lr,
-        betas=(0.9, cfg.beta2),
-    )
-
-
 @torch.no_grad()
 def sample_continuations(model, prompts: Tensor, gen_tokens: int, temperature: float, seed: int):
     """Sampled continuations ``(B, P + G)`` of ``prompts (B, P)`` (no padding)."""
@@ -308,15 +295,18 @@ def _continuation_batch(seq: Tensor, n_prompt: int) -> LMBatch:
     return LMBatch(x, torch.ones_like(x), y)
 
 
-class Trainer:
-    """One model's training run in ``folder`` (teacher pre-training or a student)."""
+class LMTask:
+    """The causal_lm family's task for the engine: one model's training run in
+    ``folder`` (teacher pre-training or a student). The chunked LM head
+    (:func:`.losses.chunked_head_loss`) and GKD's sampling (:meth:`_step_batches`) are
+    its hooks; the loop is the engine's."""
 
     def __init__(
         self,
         model,
         tok,
         data: Data,
-        cfg: LMTrain,
+        cfg,
         dist: DistillSpec,
         folder: Path,
         teacher=None,
@@ -346,6 +336,12 @@ class Trainer:
             self.net.reshard()
         elif self.world > 1:
             self.net = ddist.wrap(HiddenStates(model), ddp_only=True)
+        else:
+            self.net = HiddenStates(model)
+        self.trained = model  # what the optimizer takes and the checkpoint holds
+        self.stat_names = ("on_policy",)
+        self.steps_per_epoch = data.steps_per_epoch(cfg.batch_size, cfg.grad_accum)
+        self.on_policy_steps, self.last_val = 0, float("nan")
         ls = dist.loss
         if dist.mode in ("none", "seqkd"):
             self.spec = TokenLoss(kd_weight=0.0, ce_weight=1.0)
@@ -417,40 +413,15 @@ class Trainer:
     def _val_loss(self) -> float:
         return val_loss(self.model, self.data, root=self.net if self.fsdp else None)
 
-    def _train_state(self, opt) -> tuple[dict, dict]:
-        """Model and optimizer state to checkpoint: whole, on process 0, under FSDP."""
-        if self.fsdp:
-            return _train_state(self.model, opt)
-        return self.model.state_dict(), opt.state_dict()
-
     def plain_model(self):
         """The trained model, whole (on every process: collective under FSDP)."""
         if not self.fsdp:
             return self.model
         return hfio.whole_copy(M.unwrap(self.model), ddist.full_state_dict(self.model))
 
-    def _micro(
-        self,
-        s: LMBatch,
-        t: LMBatch | None,
-        spec: TokenLoss,
-        norm: float,
-        parts: dict,
-        last: bool = True,
-    ):
-        """One micro-batch: summed token loss / ``norm`` (the step's global count of valid
-        tokens), backward. Returns the loss (this process's share of the step's loss)."""
-        net = self.net
-        with _sync(net, last) if net is not None else contextlib.nullcontext():
-            loss = self._micro_loss(s, t, spec, norm, parts)
-            # DDP averages gradients over the processes: × N gives the sum over processes
-            # of the per-process sums / global count, the one-process gradient
-            (loss * self.world if self.world > 1 else loss).backward()
-        return float(loss.detach())
-
     def _micro_loss(self, s, t, spec: TokenLoss, norm: float, parts: dict) -> Tensor:
         dev = self.dev
-        body = self.net if self.net is not None else HiddenStates(self.model)
+        body = self.net
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             h = body(s.input_ids.to(dev), s.attention_mask.to(dev))
             valid = s.valid.to(dev)
@@ -487,99 +458,45 @@ class Trainer:
             self.teacher_root.reshard()  # the sharded teacher's head was only needed here
         return loss
 
+    # ---- the engine's Task: micro-batches, forward, evaluation, state
+
+    def micro_batches(self, step: int) -> list:
+        batches, on_policy = self._step_batches(step)
+        self.on_policy_steps += on_policy
+        spec = self.on_policy_spec if on_policy else self.spec
+        norm = sum(b.n_valid for b, _ in batches)
+        if self.world > 1:  # the step's valid tokens over all processes
+            norm = float(ddist.all_reduce_sum(torch.tensor([float(norm)], dtype=torch.float64)))
+        # summed over micro-batches and processes, the stat is 1 on an on-policy step
+        self._on_policy = float(on_policy) / (self.world * len(batches))
+        return [(s, t, spec, norm) for s, t in batches]
+
+    def forward(self, mb) -> tuple[Tensor, dict]:
+        s, t, spec, norm = mb
+        loss = self._micro_loss(s, t, spec, norm, {})
+        return loss, {"on_policy": self._on_policy}
+
+    def evaluate(self, step: int) -> dict:
+        self.last_val = self._val_loss()
+        return {"val_loss": self.last_val}
+
+    def state_dict(self) -> dict:
+        return {"on_policy_steps": self.on_policy_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.on_policy_steps = int(state["on_policy_steps"])
+
     def fit(self, resume: bool) -> dict:
-        cfg, folder, model = self.cfg, self.folder, self.model
-        folder.mkdir(parents=True, exist_ok=True)
-        opt = _optimizer(model, cfg)
-        step, metrics_offset, resumed_from, wall_before = 0, 0, 0, 0.0
-        ckpt = folder / CKPT
-        if resume and ckpt.exists():
-            # under FSDP the whole state stays on the CPU until it is sharded onto the device
-            where = "cpu" if self.fsdp else self.dev
-            state = torch.load(ckpt, weights_only=True, map_location=where)
-            ddist.check_checkpoint_sharding(ckpt, bool(state.get("fsdp", False)))
-            if self.fsdp:
-                _load_train_state(model, opt, state["model"], state["optimizer"])
-            else:
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-            step = resumed_from = int(state["step"])
-            metrics_offset = int(state["metrics_bytes"])
-            wall_before = float(state.get("wall_s", 0.0))
-        if self.world > 1:  # each process its own dropout stream, also after a resume
-            torch.manual_seed(cfg.seed + 1_000_003 * (self.rank + 1) + step)
-        log = _MetricsLog(folder / "metrics.jsonl" if self.main else None, metrics_offset, resume)
-        if resumed_from:
-            log.write({"event": "resume", "step": step, "processes": self.world})
-        model.train()
-        t0 = time.perf_counter()
-        bar = tqdm(
-            total=cfg.steps, initial=step, desc=self.desc, file=sys.stderr, leave=False,
-            disable=None if self.main else True, dynamic_ncols=True,
-        )  # fmt: skip
-        run = None
-        n_on_policy = 0
-        while step < cfg.steps:
-            lr = _lr(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            batches, on_policy = self._step_batches(step)
-            n_on_policy += on_policy
-            spec = self.on_policy_spec if on_policy else self.spec
-            norm = sum(b.n_valid for b, _ in batches)
-            if self.world > 1:  # the step's valid tokens over all processes
-                norm = float(ddist.all_reduce_sum(torch.tensor([float(norm)], dtype=torch.float64)))
-            opt.zero_grad(set_to_none=True)
-            parts: dict = {}
-            last = len(batches) - 1
-            loss = sum(
-                self._micro(s, t, spec, norm, parts, last=j == last)
-                for j, (s, t) in enumerate(batches)
-            )
-            if self.world > 1:  # the step's loss: the sum of the processes' shares
-                loss = float(ddist.all_reduce_sum(torch.tensor([loss], dtype=torch.float64)))
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            run = loss if run is None else 0.95 * run + 0.05 * loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{run:.4f}")
-            rec = None
-            if step % 50 == 0 or step == cfg.steps:
-                rec = {"step": step, "loss": loss, "lr": lr, "on_policy": on_policy}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                rec = (rec or {"step": step}) | {"val_loss": self._val_loss()}
-            if rec:
-                log.write(rec)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                # collective under FSDP (the shards are gathered to process 0)
-                msd, osd = self._train_state(opt)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.main:
-                wall = wall_before + time.perf_counter() - t0
-                state = {
-                    "model": msd,
-                    "optimizer": osd,
-                    "step": step,
-                    "metrics_bytes": log.tell(),
-                    "wall_s": wall,
-                    "processes": self.world,
-                    "fsdp": self.fsdp,
-                }
-                torch.save(state, ckpt.with_suffix(".tmp"))
-                os.replace(ckpt.with_suffix(".tmp"), ckpt)
-            if step % cfg.checkpoint_every == 0:
-                ddist.barrier()  # the checkpoint is on disk before anyone goes on
-        bar.close()
-        log.close()
-        wall = wall_before + time.perf_counter() - t0
-        vl = self._val_loss()
+        """Train through the engine; the run's result (val loss, steps, wall time)."""
+        if self.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        res = engine_train(self, self.cfg, self.folder, resume=resume, desc=self.desc)
         return {
-            "val_loss": vl,
-            "steps": step,
-            "resumed_from": resumed_from,
-            "wall_s": wall,
-            "on_policy_steps_this_process": n_on_policy,
+            "val_loss": self.last_val,
+            "steps": res.steps,
+            "resumed_from": res.resumed_from,
+            "wall_s": res.wall_s,
+            "on_policy_steps": self.on_policy_steps,
             "processes": self.world,
         } | ({"fsdp": True} if self.fsdp else {})
 
@@ -612,8 +529,8 @@ def teacher_phase(recipe: LMRecipe, tok, data: Data, out: Path, resume: bool):
     if done.exists():
         model = hfio.load_model(folder / "model", "AutoModelForCausalLM").to(dev).eval()
         return model, json.loads(done.read_text())
-    model = build_model(tc.model, tok, tc.train.seed, tc.train.dropout).to(dev)
-    tr = Trainer(model, tok, data, tc.train, DistillSpec(mode="none"), folder, desc="teacher")
+    model = build_model(tc.model, tok, tc.train.seed).to(dev)
+    tr = LMTask(model, tok, data, tc.train, DistillSpec(mode="none"), folder, desc="teacher")
     res = tr.fit(resume)
     model = tr.plain_model().to(dev)  # whole on every process (it was sharded under FSDP)
     res = ddist.on_main(_finish, model, tok, res, folder)
@@ -652,11 +569,11 @@ def student_phase(
         return json.loads(done.read_text())
     dev = ddist.default_device()
     cfg = recipe.train.model_copy(update={"seed": seed})
-    model = build_model(recipe.student.model, s_tok, seed, cfg.dropout)
+    model = build_model(recipe.student.model, s_tok, seed)
     if recipe.student.lora is not None:
         model = apply_lora(model, recipe.student.lora, seed)
     model = model.to(dev)
-    tr = Trainer(
+    tr = LMTask(
         model, s_tok, data, cfg, recipe.distill, folder, teacher=teacher, seqkd=seqkd,
         desc=f"student seed {seed}", teacher_root=teacher_root,
     )  # fmt: skip
@@ -709,7 +626,7 @@ def run_lm_recipe(
 ) -> str:
     out = Path(out).resolve()
     ddist.on_main(check_processes, recipe)
-    ddist.on_main(prepare_run_dir, out, recipe, resume, force)
+    ddist.on_main(prepare_run_dir, out, dump_recipe(recipe), "causal_lm", resume, force)
     s_tok, t_tok, text = load_tokenizers(recipe)
     data = Data(recipe, s_tok, t_tok, text)
     dev = ddist.default_device()

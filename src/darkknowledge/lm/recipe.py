@@ -26,7 +26,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import ExistingPath, Fraction, PosFloat, PosInt, Strict
+from ..config import (
+    EvalConfig,
+    ExistingPath,
+    Fraction,
+    PosFloat,
+    PosInt,
+    Strict,
+    TrainConfig,
+    with_defaults,
+)
 
 NonNeg = Annotated[float, Field(ge=0.0)]
 
@@ -34,6 +43,7 @@ NonNeg = Annotated[float, Field(ge=0.0)]
 class TinyModel(Strict):
     tiny: Literal["tiny-gpt2", "tiny-llama"]
     config: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # tiny-gpt2's three dropouts
 
 
 class PathModel(Strict):
@@ -87,21 +97,22 @@ class TokenizerSpec(Strict):
         return self
 
 
-class LMTrain(Strict):
-    steps: PosInt = 2000
-    batch_size: PosInt = 12
-    grad_accum: PosInt = 1
-    lr: PosFloat = 1e-3
-    min_lr: NonNeg = 1e-4
-    warmup: Annotated[int, Field(ge=0)] = 100
-    weight_decay: NonNeg = 0.1
-    beta2: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
-    grad_clip: PosFloat | None = 1.0
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    eval_every: PosInt = 250
-    checkpoint_every: PosInt = 250
-    seed: int = 0
-    dtype: Literal["fp32", "bf16"] = "fp32"
+# the causal_lm family's defaults for ``train:`` (and a teacher's ``train:``): nanoGPT's
+# CPU setting (AdamW β2 0.99, 100 warm-up steps, cosine to lr/10, decay on matrices only)
+TRAIN_DEFAULTS = {
+    "steps": 2000,
+    "batch_size": 12,
+    "lr": 1e-3,
+    "min_lr": 1e-4,
+    "warmup": 100,
+    "weight_decay": 0.1,
+    "decay": "matrices",
+    "beta2": 0.99,
+    "grad_clip": 1.0,
+    "schedule": "cosine",
+    "eval_every": 250,
+    "checkpoint_every": 250,
+}
 
 
 class LoraSpec(Strict):
@@ -113,7 +124,7 @@ class LoraSpec(Strict):
 
 class TeacherSpec(Strict):
     model: ModelSpec
-    train: LMTrain | None = None  # set: train it here first (plain CE), then distil
+    train: TrainConfig | None = None  # set: train it here first (plain CE), then distil
     # under several processes: every process holds the whole teacher (replicate), or
     # 1/N of its parameters, all-gathered block by block on forward (shard, FSDP2)
     placement: Literal["replicate", "shard"] = "replicate"
@@ -165,11 +176,32 @@ class LMRecipe(Strict):
     tokenizer: TokenizerSpec | None = None
     teacher: TeacherSpec | None = None
     student: StudentSpec
-    train: LMTrain = LMTrain()
+    train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS, epochs=None)
     distill: DistillSpec = DistillSpec(mode="none")
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data["train"] = with_defaults(data.get("train"), TRAIN_DEFAULTS)
+        t = data.get("teacher")
+        if isinstance(t, dict) and t.get("train") is not None:
+            data["teacher"] = {**t, "train": with_defaults(t["train"], TRAIN_DEFAULTS)}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
+        for where, tr in (
+            ("train", self.train),
+            ("teacher.train", getattr(self.teacher, "train", None)),
+        ):
+            if tr is not None and tr.augment != "none":
+                raise ValueError(
+                    f"{where}.augment: image augmentation does not apply to language models; remove it"
+                )
         mode = self.distill.mode
         if mode != "none" and self.teacher is None:
             raise ValueError(f"distill.mode {mode!r} needs a teacher: section")
