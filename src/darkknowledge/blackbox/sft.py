@@ -5,7 +5,6 @@ pass@1 (mean correctness of k samples) and maj@k (majority vote of the k extract
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -50,6 +49,48 @@ def response_loss(model, ids: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits[valid], tgt[valid])
 
 
+class SFTTask:
+    """Chat SFT on (prompt, response) rows as an engine task: the loss is the mean
+    next-token cross-entropy on the response tokens. Batches are a pure function of
+    (seed, step): a seeded permutation per epoch."""
+
+    def __init__(self, model, data, pad: int, batch_size: int, seed: int, check, log):
+        self.trained = self.net = model
+        self.data, self.pad, self.bs, self.seed = data, pad, batch_size, seed
+        self.check, self.log = check, log
+        self.steps_per_epoch = math.ceil(len(data) / batch_size)
+        self.stat_names: tuple[str, ...] = ()
+        self.losses: list[float] = []
+        self.step = 0
+
+    def micro_batches(self, step: int):
+        self.step = step
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        idx = torch.randperm(len(self.data), generator=g)[k * self.bs : (k + 1) * self.bs]
+        return [_collate([self.data[i] for i in idx.tolist()], self.pad)]
+
+    def forward(self, mb) -> tuple[Tensor, dict]:
+        ids, labels, mask = mb
+        loss = response_loss(self.net, ids, labels, mask)
+        self.losses.append(float(loss.detach()))
+        if self.log and self.step % 100 == 0:
+            self.log(self.step, self.losses[-1])
+        return loss, {}
+
+    def evaluate(self, step: int) -> dict:
+        if self.check is None:
+            return {}
+        self.net.eval()
+        return {"stop": bool(self.check(step))}
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = list(state["losses"])
+
+
 def train_sft(
     model,
     tok,
@@ -64,55 +105,40 @@ def train_sft(
     log: Callable[[int, float], None] | None = None,
     check: Callable[[int], bool] | None = None,
     check_every: int = 200,
+    folder=None,
+    resume: bool = False,
 ) -> list[float]:
-    """AdamW with linear warmup and cosine decay over ``steps`` minibatches drawn (seeded)
-    from ``pairs``. With ``check``, the rate stays constant after warmup and training stops
-    early when ``check(step)`` (called every ``check_every`` steps) returns True. Returns
-    the loss per step."""
+    """AdamW (weight decay 0.01) with warm-up and cosine decay over ``steps`` batches,
+    through the engine. With ``check``, the rate stays constant after warm-up and
+    training stops early when ``check(step)`` (called every ``check_every`` steps)
+    returns True. ``folder``: checkpoints and metrics there (``resume`` continues).
+    Returns the loss per step."""
+    from ..config import TrainConfig
+    from ..engine import train
+
     if not pairs:
         raise DKError(
             "no training rows: the SFT file is empty (did the verifier reject everything?)"
         )
     data = [encode_pair(tok, p, r, max_len) for p, r in pairs]
-    rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-
-    def lr_at(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        if check is not None:
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model.train()
-    losses = []
-    order: list[int] = []
-    for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(data)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[:batch_size], order[batch_size:]
-        ids, labels, mask = _collate([data[i] for i in idx], tok.pad_token_id)
-        loss = response_loss(model, ids, labels, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(step, loss.item())
-        if check is not None and (step + 1) % check_every == 0:
-            model.eval()
-            stop = check(step + 1)
-            model.train()
-            if stop:
-                break
+    cfg = TrainConfig(
+        epochs=None,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=0.01,
+        warmup=warmup,
+        schedule="constant" if check is not None else "cosine",
+        grad_clip=1.0,
+        seed=seed,
+        eval_every=check_every if check is not None else steps,
+        checkpoint_every=check_every if folder is not None else None,
+    )
+    task = SFTTask(model, data, tok.pad_token_id, batch_size, seed, check, log)
+    train(task, cfg, folder, resume=resume, desc="sft")
     model.eval()
-    return losses
+    return task.losses
 
 
 @torch.no_grad()

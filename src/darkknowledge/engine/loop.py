@@ -49,7 +49,7 @@ class Task(Protocol):
 
     def forward(self, mb: Any) -> tuple[Tensor, dict[str, float]]: ...
 
-    def evaluate(self, step: int) -> dict: ...
+    def evaluate(self, step: int) -> dict: ...  # {"stop": True} ends training there
 
     def state_dict(self) -> dict: ...
 
@@ -173,6 +173,8 @@ def train(
             since_eval, n_since = 0.0, 0
             history.append(rec)
             log.write(rec)
+            if rec.get("stop"):  # the task's early stop (after its evaluation)
+                break
         if ckpt is not None and step % ckpt_every == 0 and step < total:
             msd, osd = dist.train_state(task.trained, opt)  # collective under FSDP
             cpu, cuda = _rng_states(dev)
