@@ -337,6 +337,46 @@ class CEConfig(Strict):
     weight: Annotated[float, Field(ge=0.0)] = 1.0
 
 
+class GenericDivergenceConfig(Strict):
+    """Any divergence of the registry (darkknowledge.losses.registry) by its name as the
+    key: ``skew_kl: {skew: 0.1, temperature: 2.0}``. ``beta``/``skew`` go to the
+    divergences that take them."""
+
+    temperature: PosFloat = 1.0
+    weight: Annotated[float, Field(ge=0.0)] = 1.0
+    beta: Fraction | None = None
+    skew: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+
+    def params(self, name: str) -> tuple[tuple[str, float], ...]:
+        from .losses.registry import get_divergence
+
+        takes = get_divergence(name).params
+        given = {"beta": self.beta, "skew": self.skew}
+        for k, v in given.items():
+            if v is not None and k not in takes:
+                raise ValueError(f"loss.{name} takes no {k}")
+        return tuple((k, v) for k, v in given.items() if v is not None)
+
+
+def divergence_terms(data, fixed: set[str]):
+    """A loss mapping's keys that name a registered divergence (beyond the section's own
+    fields) gathered under ``divergences``; an unknown name gets one line listing the
+    known ones."""
+    if not isinstance(data, dict):
+        return data
+    from .losses.registry import DIVERGENCES
+
+    data = dict(data)
+    extra = {k: data.pop(k) for k in list(data) if k not in fixed and k != "divergences"}
+    unknown = [k for k in extra if k not in DIVERGENCES]
+    if unknown:
+        known = ", ".join(sorted(fixed - {"divergences"} | set(DIVERGENCES)))
+        raise ValueError(f"unknown loss term {unknown[0]!r}; known: {known}")
+    if extra:
+        data["divergences"] = {**data.get("divergences", {}), **extra}
+    return data
+
+
 class LossConfig(Strict):
     hinton_kd: HintonKDConfig | None = None
     forward_kl: DivergenceConfig | None = None
@@ -344,9 +384,23 @@ class LossConfig(Strict):
     jsd: JSDConfig | None = None
     tvd: DivergenceConfig | None = None
     ce: CEConfig | None = None
+    # any other registered divergence, by name (see divergence_terms)
+    divergences: dict[str, GenericDivergenceConfig] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered(cls, data):
+        return divergence_terms(data, set(cls.model_fields))
+
+    @model_validator(mode="after")
+    def _params(self):
+        for name, c in self.divergences.items():
+            c.params(name)  # a parameter the divergence does not take: one line
+        return self
 
     def active(self) -> dict[str, Strict]:
-        return {k: v for k, v in self if v is not None}
+        fixed = {k: v for k, v in self if v is not None and k != "divergences"}
+        return fixed | dict(self.divergences)
 
     @property
     def needs_teacher(self) -> bool:

@@ -8,19 +8,21 @@ directory and is skipped when already finished, resumed when interrupted.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, faults
 from .config import LossConfig, MemberConfig, Recipe, StudentConfig, TrainConfig
 from .data import DataSplits, load_data, plain_training_set
 from .errors import DKError
 from .evaluate import bytes_on_disk, param_count, predict_logits, quality, speed
 from .export import load_weights, save_model
 from .losses import CE, JSD, TVD, ForwardKL, HintonKD, LossStack, ReverseKL
+from .losses.stack import Divergence
 from .recipe_io import dump_recipe
 from .registry import build_model
 from .report import write_report
@@ -49,8 +51,10 @@ def build_loss(cfg: LossConfig) -> LossStack:
             term = JSD(c.beta, c.temperature)
         elif name == "tvd":
             term = TVD(c.temperature)
-        else:
+        elif name == "ce":
             term = CE()
+        else:  # any other registered divergence
+            term = Divergence(name, c.temperature, c.params(name))
         terms[name] = (c.weight, term)
     return LossStack(terms)
 
@@ -69,9 +73,9 @@ def train_member(member: MemberConfig, data: DataSplits, folder: Path, resume: b
     model = seeded_model(member.model, shape, nc, train_cfg.seed)
     if member.checkpoint is not None:
         return load_weights(model, member.checkpoint, "teacher checkpoint").eval()
-    done = folder / "model.safetensors"
+    done = folder / "train.json"  # written last: the model before it is whole
     if done.exists():
-        return load_weights(model, done, "teacher").eval()
+        return load_weights(model, folder / "model.safetensors", "teacher").eval()
     res = fit(
         model,
         data.train,
@@ -89,7 +93,8 @@ def train_member(member: MemberConfig, data: DataSplits, folder: Path, resume: b
 
 def _save_member(res, member: MemberConfig, shape, nc: int, folder: Path) -> None:
     save_model(res.model, member.model, shape, nc, folder)
-    (folder / "train.json").write_text(json.dumps({"steps": res.steps, "wall_s": res.wall_s}))
+    faults.point("saved")
+    _write_atomic(folder / "train.json", json.dumps({"steps": res.steps, "wall_s": res.wall_s}))
     (folder / CKPT).unlink(missing_ok=True)
 
 
@@ -121,10 +126,10 @@ def train_student(
 ) -> tuple[nn.Module, dict]:
     shape, nc = data.train.input_shape, data.train.num_classes
     model = seeded_model(model_cfg.model, shape, nc, train_cfg.seed)
-    done = folder / "model.safetensors"
+    done = folder / "train.json"  # written last: the model before it is whole
     if done.exists():
-        info = json.loads((folder / "train.json").read_text())
-        return load_weights(model, done, desc).eval(), info
+        info = json.loads(done.read_text())
+        return load_weights(model, folder / "model.safetensors", desc).eval(), info
     res = fit(model, train_set, train_cfg, loss, teacher, data.val, folder, resume, desc)
     info = {
         "steps": res.steps,
@@ -137,9 +142,16 @@ def train_student(
 
 
 def _save_student(model, info: dict, model_cfg: StudentConfig, shape, nc: int, folder: Path):
-    (folder / "train.json").write_text(json.dumps(info))
     save_model(model, model_cfg.model, shape, nc, folder)
+    faults.point("saved")
+    _write_atomic(folder / "train.json", json.dumps(info))
     (folder / CKPT).unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def prepare_run_dir(run_dir: Path, recipe, resume: bool, force: bool, family: str = "classify"):

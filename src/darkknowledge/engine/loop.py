@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .. import dist
+from .. import dist, faults
 from ..config import TrainConfig
 from ..errors import DKError
 from . import checkpoint
@@ -156,6 +156,7 @@ def train(
             after()
         sched.step()
         step += 1
+        faults.point("step")
         sums = dist.all_reduce_sum(sums) if st.world > 1 else sums
         stats = dict(zip(names, (float(v) for v in sums), strict=True))
         since_eval, n_since = since_eval + stats["loss"], n_since + 1
@@ -195,6 +196,7 @@ def train(
                     },
                 )
             dist.barrier()  # the checkpoint is on disk before anyone goes on
+            faults.point("checkpoint")
     progress.close()
     log.close()
     return Fit(step, resumed_from, wall_before + time.perf_counter() - t0, history)

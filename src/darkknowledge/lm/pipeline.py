@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist as ddist
+from .. import faults
 from ..engine import checkpoint as engine_ckpt
 from ..engine import train as engine_train
 from ..engine.rundir import prepare_run_dir
@@ -511,8 +512,11 @@ def save_model(model, tok, folder: Path) -> Path:
 
 def _finish(model, tok, result: dict, folder: Path) -> dict:
     path = save_model(model, tok, folder / "model")
+    faults.point("saved")
     result["model"] = str(path)
-    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    tmp = folder / "result.json.tmp"  # atomic: a kill never leaves half a result
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, folder / "result.json")
     (folder / CKPT).unlink(missing_ok=True)
     return result
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from ..config import (
     EvalConfig,
@@ -144,8 +144,17 @@ class StudentSpec(Strict):
     lora: LoraSpec | None = None
 
 
+def _registered(kind: str) -> str:
+    from ..losses.registry import get_divergence
+
+    get_divergence(kind)  # ValueError: unknown divergence 'x'; known: ...
+    return kind
+
+
 class LossSpec(Strict):
-    kind: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl"] = "forward_kl"
+    """A registered divergence (darkknowledge.losses.registry) by name, per token."""
+
+    kind: Annotated[str, AfterValidator(_registered)] = "forward_kl"
     temperature: PosFloat = 1.0
     beta: Fraction = 0.5
     skew: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1

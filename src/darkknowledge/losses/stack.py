@@ -125,6 +125,24 @@ class CE:
         return D.cross_entropy(s, y, mask)
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Any registered divergence (:mod:`.registry`) by name, at temperature T, mean over
+    valid positions; on dense teacher logits or a top-k + tail teacher's buckets."""
+
+    name: str
+    temperature: float = 1.0
+    params: tuple[tuple[str, float], ...] = ()
+    needs_teacher = True
+
+    def __call__(self, s, sig, y=None, mask=None):
+        t = _teacher(self.name, sig, self.temperature)
+        kw = dict(self.params)
+        if isinstance(t, tuple):
+            return S.sparse_divergence_loss(self.name, s, *t, self.temperature, mask, **kw)
+        return D.divergence_loss(self.name, s, t, self.temperature, mask, **kw)
+
+
 class LossStack:
     """A weighted sum of named loss terms: ``total = Σ weight_i · term_i``."""
 
