@@ -491,7 +491,11 @@ class LMTask:
         """Train through the engine; the run's result (val loss, steps, wall time)."""
         if self.main:
             self.folder.mkdir(parents=True, exist_ok=True)
-        res = engine_train(self, self.cfg, self.folder, resume=resume, desc=self.desc)
+        # fresh_seed: the dropout stream starts from the seed, not from whatever this
+        # process did before (a teacher trained here, or loaded after a restart)
+        res = engine_train(
+            self, self.cfg, self.folder, resume=resume, desc=self.desc, fresh_seed=self.cfg.seed
+        )
         return {
             "val_loss": self.last_val,
             "steps": res.steps,

@@ -1,0 +1,175 @@
+"""Every family, killed by a real SIGKILL at a seeded list of points and resumed with
+``dk run --resume`` until it finishes, ends with weights ``torch.equal`` to an
+uninterrupted run's. Points (darkknowledge.faults): mid-way through the teacher's
+training, after the teacher's model is saved but before its result record, right after
+a student checkpoint, between checkpoints (work lost and redone), and after the
+student's model is saved but before its result record."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHAKES = SHARED / "tinyshakespeare" / "input.txt"
+SST2 = SHARED / "sst2"
+
+
+def _dk(*args) -> list[str]:
+    return [sys.executable, "-m", "darkknowledge.cli", *args]
+
+
+def _run(recipe: Path, out: Path, resume: bool, kill: str | None = None):
+    env = {k: v for k, v in os.environ.items() if k != "DK_KILL_AT"}
+    env["OMP_NUM_THREADS"] = "1"
+    if kill:
+        env["DK_KILL_AT"] = kill
+    args = _dk("run", str(recipe), "--out", str(out), *(["--resume"] if resume else []))
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _plan(seed: int, teacher_steps: int | None, student_ckpts: int, ckpt_every: int) -> list[str]:
+    """The seeded kill points of one family's run, in the order they are met."""
+    rng = random.Random(seed)
+    plan = []
+    if teacher_steps:
+        plan += [f"step@{rng.randint(1, teacher_steps - 1)}", "saved@1"]
+    plan.append(f"checkpoint@{rng.randint(1, student_ckpts)}")
+    plan.append(f"step@{rng.randint(1, ckpt_every - 1)}")  # between two checkpoints
+    plan.append("saved@1")
+    return plan
+
+
+def _kill_and_resume(recipe: Path, tmp: Path, plan: list[str], weights: str) -> None:
+    clean, killed = tmp / "clean", tmp / "killed"
+    r = _run(recipe, clean, resume=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i, point in enumerate(plan):
+        r = _run(recipe, killed, resume=i > 0, kill=point)
+        # -9: the process reached the point and was killed there (not a finished run)
+        assert r.returncode == -9, (point, r.returncode, r.stderr[-3000:])
+    r = _run(recipe, killed, resume=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(clean / weights)), load_file(str(killed / weights))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    metrics = killed / Path(weights).parts[0] / "metrics.jsonl"
+    if metrics.exists():  # the log was cut back at each resume: no step twice
+        recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+        steps = [r["step"] for r in recs if "lr" in r]
+        assert steps == sorted(set(steps))
+
+
+def test_classify(tmp_path: Path):
+    # dropout and jitter: the result depends on both RNG streams being restored
+    recipe = {
+        "data": {"name": "digits"},
+        "teacher": {
+            "kind": "module",
+            "model": {"name": "mlp", "hidden": [32]},
+            "train": {"epochs": 2, "batch_size": 64, "checkpoint_every": 7},
+        },
+        "student": {"model": {"name": "mlp", "hidden": [24], "dropout": 0.2}},
+        "loss": {"hinton_kd": {"temperature": 3.0, "alpha": 0.7}},
+        "train": {
+            "epochs": 3,
+            "batch_size": 32,
+            "augment": "jitter",
+            "jitter_px": 1,
+            "schedule": "one_cycle",
+            "checkpoint_every": 9,
+            "seed": 3,
+        },
+        "eval": {"latency": False},
+    }
+    f = tmp_path / "classify.yaml"
+    f.write_text(yaml.safe_dump(recipe))
+    # digits: 1,131 training examples → 18 teacher steps/epoch, 36 student steps/epoch
+    plan = _plan(11, teacher_steps=36, student_ckpts=11, ckpt_every=9)
+    _kill_and_resume(f, tmp_path, plan, "student/model.safetensors")
+
+
+def _lm_recipe(tmp: Path, **over) -> Path:
+    text = tmp / "shakes.txt"
+    text.write_text(SHAKES.read_text()[:20_000])
+    fast = {"steps": 8, "batch_size": 4, "warmup": 2, "eval_every": 4, "checkpoint_every": 3}
+    r = {
+        "family": "causal_lm",
+        "data": {"kind": "text", "path": str(text), "block_size": 16, "val_blocks": 4},
+        "tokenizer": {"kind": "char"},
+        "teacher": {
+            "model": {"tiny": "tiny-gpt2", "config": {"n_layer": 2, "n_head": 2, "n_embd": 32}},
+            "train": fast,
+        },
+        # dropout: the student's RNG stream must be restored on resume
+        "student": {
+            "model": {
+                "tiny": "tiny-gpt2",
+                "config": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+                "dropout": 0.1,
+            }
+        },
+        "train": fast,
+        "distill": {"mode": "token", "loss": {"kind": "forward_kl"}},
+    } | over
+    f = tmp / "lm.yaml"
+    f.write_text(yaml.safe_dump(r))
+    return f
+
+
+@pytest.mark.skipif(not SHAKES.exists(), reason="TinyShakespeare not present")
+def test_causal_lm_token_kd(tmp_path: Path):
+    f = _lm_recipe(tmp_path)
+    plan = _plan(12, teacher_steps=8, student_ckpts=2, ckpt_every=3)
+    _kill_and_resume(f, tmp_path, plan, "student/model/model.safetensors")
+
+
+@pytest.mark.skipif(not SHAKES.exists(), reason="TinyShakespeare not present")
+def test_causal_lm_gkd_with_sampling(tmp_path: Path):
+    # λ = 1: every step samples continuations from the student
+    d = {"mode": "gkd", "lmbda": 1.0, "prompt_tokens": 4, "gen_tokens": 8,
+         "loss": {"kind": "jsd", "beta": 0.5}}  # fmt: skip
+    f = _lm_recipe(tmp_path, distill=d)
+    plan = _plan(13, teacher_steps=8, student_ckpts=2, ckpt_every=3)
+    _kill_and_resume(f, tmp_path, plan, "student/model/model.safetensors")
+    res = json.loads((tmp_path / "killed" / "student" / "result.json").read_text())
+    assert res["on_policy_steps"] == 8  # counted across the kills, every step sampled
+
+
+def test_chat_sft(tmp_path: Path):
+    from darkknowledge.hf import io as hfio
+
+    rows = [
+        {"prompt": f"What is {a}+{b}?", "response": f"{a + b}."} for a in range(6) for b in range(4)
+    ]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = hfio.char_tokenizer("".join(r["prompt"] + r["response"] for r in rows) + "<>usertan\n")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    m = hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", vocab_size=len(tok), n_layer=1,
+                        n_embd=16, n_head=2, resid_pdrop=0.1)  # fmt: skip
+    hfio.save_pretrained(m, tmp_path / "base", tok)
+    r = {
+        "family": "causal_lm",
+        "data": {"kind": "chat", "train": str(f), "val_fraction": 0.2, "max_length": 48},
+        "student": {"model": {"path": str(tmp_path / "base")}},
+        "train": {"steps": 8, "batch_size": 4, "warmup": 2, "eval_every": 4, "checkpoint_every": 3},
+        "distill": {"mode": "none"},
+    }
+    rf = tmp_path / "sft.yaml"
+    rf.write_text(yaml.safe_dump(r))
+    plan = _plan(14, teacher_steps=None, student_ckpts=2, ckpt_every=3)
+    _kill_and_resume(rf, tmp_path, plan, "student/model/model.safetensors")
