@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..config import RecipePath
 from ..errors import DKError
 
 
@@ -26,7 +27,7 @@ class _M(BaseModel):
 
 
 class PromptsCfg(_M):
-    path: str  # JSONL; relative paths: to the working folder, else to the recipe's folder
+    path: RecipePath  # JSONL; a relative path resolves against the recipe's folder
     prompt_field: str = "question"
     answer_field: str | None = "answer"
     id_field: str | None = None  # default: the line number
@@ -131,7 +132,7 @@ class GenerateRecipe(_M):
     select: SelectCfg = Field(default_factory=SelectCfg)
     client: ClientCfg = Field(default_factory=ClientCfg)
     budget: BudgetCfg = Field(default_factory=BudgetCfg)
-    cache: str | None = None  # default: OUT/cache.jsonl
+    cache: RecipePath | None = None  # default: OUT/cache.jsonl
     _base_dir: Path | None = PrivateAttr(None)  # the recipe file's folder, for relative paths
 
     @model_validator(mode="after")
@@ -140,7 +141,7 @@ class GenerateRecipe(_M):
         self._base_dir = Path(base) if base else None
         return self
 
-    @field_validator("cache")
+    @field_validator("cache", mode="before")
     @classmethod
     def _cache(cls, v):
         return v or None
@@ -169,9 +170,10 @@ def load_generate_recipe(
     return rec, path.resolve().parent
 
 
-def resolve_path(p: str, base_dir: Path | None) -> Path:
+def resolve_path(p: str | Path, base_dir: Path | None) -> Path:
+    """A path of a recipe: resolved against the recipe's folder at validation, as in
+    every family (a relative one given from Python resolves against ``base_dir``)."""
     q = Path(p).expanduser()
-    if q.is_absolute() or q.exists() or base_dir is None:
+    if q.is_absolute() or base_dir is None:
         return q
-    alt = base_dir / q
-    return alt if alt.exists() else q
+    return base_dir / q
