@@ -54,7 +54,8 @@ ExistingPath = Annotated[Path, AfterValidator(_must_exist)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: .inf and .nan are refused everywhere (a run cannot train on them)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- models

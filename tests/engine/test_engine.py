@@ -215,3 +215,24 @@ def test_a_new_divergence_is_usable_from_every_family(squared_hellinger, tmp_pat
         with pytest.raises(DKError, match="nope_kl") as e:
             validate_family(raw)
         assert "\n" not in str(e.value)
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line_keeping_the_last_checkpoint(tmp_path):
+    from darkknowledge.config import DigitsData, MLPConfig
+    from darkknowledge.data import load_data
+    from darkknowledge.losses import CE, LossStack
+    from darkknowledge.registry import build_model
+    from darkknowledge.train import fit
+
+    d = load_data(DigitsData(name="digits", limit=200))
+    m = build_model(MLPConfig(name="mlp", hidden=[8]), d.train.input_shape, 10)
+    with pytest.raises(DKError, match=r"step \d+: the training loss is (nan|inf)") as e:
+        # lr 1e30 diverges within a few steps; checkpoints every step
+        fit(m, d.train, TrainConfig(steps=50, batch_size=32, lr=1e30, schedule="constant",
+                                    checkpoint_every=1), LossStack.of(CE()), run_dir=tmp_path)  # fmt: skip
+    assert "\n" not in str(e.value) and "checkpoint" in str(e.value)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())  # the last good one
+    # and a non-finite number in a recipe never gets that far
+    with pytest.raises(ValueError, match="finite"):
+        TrainConfig(lr=float("inf"))

@@ -19,6 +19,7 @@ ends with the same weights as one that never stopped.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,21 @@ def _rng_states(dev: torch.device) -> tuple[list, list]:
     cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
     rngs = dist.all_gather_object((torch.get_rng_state(), cuda))
     return [r[0] for r in rngs], [r[1] for r in rngs]
+
+
+def _stop_non_finite(step: int, stats: dict, ckpt: Path | None, folder: Path | None):
+    """A loss that is not finite cannot train: stop with one line (every process)."""
+    bad = [k for k, v in stats.items() if k != "loss" and not math.isfinite(v)]
+    terms = f" (term {', '.join(bad)})" if bad else ""
+    kept = (
+        f"; the last good checkpoint ({ckpt}) is kept: fix the recipe and --resume"
+        if ckpt is not None and ckpt.exists()
+        else ""
+    )
+    raise DKError(
+        f"step {step}: the training loss is {stats['loss']}{terms}; check train.lr, the "
+        f"loss temperatures and weights, the teacher's outputs and the data{kept}"
+    )
 
 
 def train(
@@ -148,6 +164,10 @@ def train(
             sums[0] += float(loss.detach())
             for i, k in enumerate(task.stat_names, start=1):
                 sums[i] += stats.get(k, 0.0)
+        sums = dist.all_reduce_sum(sums) if st.world > 1 else sums
+        stats = dict(zip(names, (float(v) for v in sums), strict=True))
+        if not math.isfinite(stats["loss"]):  # before the update: the weights stay good
+            _stop_non_finite(step + 1, stats, ckpt, folder)
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(task.trained.parameters(), cfg.grad_clip)
         opt.step()
@@ -157,8 +177,6 @@ def train(
         sched.step()
         step += 1
         faults.point("step")
-        sums = dist.all_reduce_sum(sums) if st.world > 1 else sums
-        stats = dict(zip(names, (float(v) for v in sums), strict=True))
         since_eval, n_since = since_eval + stats["loss"], n_since + 1
         progress.update(step, stats["loss"], **{k: stats[k] for k in task.stat_names[:1]})
         if step % cfg.log_every == 0 or step == total:
