@@ -361,18 +361,15 @@ class GenericDivergenceConfig(Strict):
 
 def divergence_terms(data, fixed: set[str]):
     """A loss mapping's keys that name a registered divergence (beyond the section's own
-    fields) gathered under ``divergences``; an unknown name gets one line listing the
-    known ones."""
+    fields) gathered under ``divergences``; an unknown name is left for the schema to
+    report as an unknown key (one line naming it)."""
     if not isinstance(data, dict):
         return data
     from .losses.registry import DIVERGENCES
 
     data = dict(data)
-    extra = {k: data.pop(k) for k in list(data) if k not in fixed and k != "divergences"}
-    unknown = [k for k in extra if k not in DIVERGENCES]
-    if unknown:
-        known = ", ".join(sorted(fixed - {"divergences"} | set(DIVERGENCES)))
-        raise ValueError(f"unknown loss term {unknown[0]!r}; known: {known}")
+    # names that are neither a field nor registered stay: the schema reports the key
+    extra = {k: data.pop(k) for k in list(data) if k not in fixed and k in DIVERGENCES}
     if extra:
         data["divergences"] = {**data.get("divergences", {}), **extra}
     return data
