@@ -257,9 +257,21 @@ def _dispatch_one(args) -> int:
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
     if args.cmd == "report":
-        from .report import load_report, table, write_report
+        from .report import load_report, run_family, table, write_report
 
         report = load_report(args.run_dir)
+        fam = run_family(args.run_dir)
+        if fam == "causal_lm":
+            from .lm.pipeline import format_report
+
+            print(format_report(report, Path(args.run_dir)))
+            return 0
+        if fam == "text":
+            from .hf.text_pipeline import write_report as write_text_report
+
+            print(write_text_report(report, Path(args.run_dir)))
+            print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
+            return 0
         write_report(report, args.run_dir)
         print(table(report))
         print(f"\nreport: {Path(args.run_dir) / 'report.md'}")

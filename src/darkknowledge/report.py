@@ -123,6 +123,22 @@ def _plots(report: dict, run_dir: Path) -> list[Path]:
     return out
 
 
+def run_family(run_dir: str | Path) -> str:
+    """The family a run folder was written by (its run.json; older classify runs: none)."""
+    marker = Path(run_dir) / "run.json"
+    if marker.exists():
+        try:
+            fam = json.loads(marker.read_text()).get("family")
+        except (json.JSONDecodeError, AttributeError):
+            raise DKError(f"{marker}: corrupt run marker") from None
+        if fam in ("classify", "text", "causal_lm"):
+            return fam
+        raise DKError(f"{marker}: unknown family {fam!r}")
+    if (Path(run_dir) / "config.json").exists():  # a text run from before run.json
+        return "text"
+    return "classify"
+
+
 def load_report(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "report.json"
     if not Path(run_dir).is_dir():
