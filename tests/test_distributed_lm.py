@@ -299,7 +299,7 @@ def test_killed_two_process_text_run_resumes(tmp_path, fsdp):
     recipe = _text_recipe(tmp_path, epochs=4)
     _run(_dk("run", str(recipe), "--out", str(tmp_path / "clean")))
     killed = tmp_path / "killed"
-    ckpt = killed / "students" / "distilled" / "seed0" / "ckpt.pt"
+    ckpt = killed / "students" / "distilled" / "seed0" / "checkpoint.pt"
 
     def launch(*args):
         return _fsdp(_accelerate(2, *args)) if fsdp else _torchrun(2, *args)

@@ -10,17 +10,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from darkknowledge.cli import main  # noqa: E402
+from darkknowledge.config import TrainConfig, with_defaults  # noqa: E402
 from darkknowledge.errors import DKError  # noqa: E402
 from darkknowledge.families import load_family_recipe, validate_family  # noqa: E402
 from darkknowledge.hf.io import build_tiny, load_model  # noqa: E402
 from darkknowledge.hf.text_data import encode, from_datasets, read_split  # noqa: E402
 from darkknowledge.hf.text_pipeline import (  # noqa: E402
-    _Trainer,
+    TextTask,
     accuracy,
     predict,
     teacher_source,
 )
-from darkknowledge.hf.text_recipe import TrainConfig  # noqa: E402
+from darkknowledge.hf.text_recipe import TRAIN_DEFAULTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes" / "tiny-bert_to_l2_sst2-smoke.yaml"
@@ -131,7 +132,8 @@ def test_encode_and_dynamic_padding(tokenizer):
 
 def test_training_resumes_exactly(tmp_path, tokenizer):
     enc = encode(tokenizer, read_split(SST2 / "dev.tsv").subset(96), 32)
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3, checkpoint_every=2, eval_every=3)
+    over = {"epochs": 1, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 2, "eval_every": 3}
+    cfg = TrainConfig(**with_defaults(over, TRAIN_DEFAULTS))
 
     def trainer(work, fail_at=None):
         model = build_tiny(
@@ -150,7 +152,7 @@ def test_training_resumes_exactly(tmp_path, tokenizer):
             return loss, {}
 
         trainer.calls = 0
-        return model, _Trainer(model, None, enc, enc, cfg, 0, work, step, "t")
+        return model, TextTask(model, None, enc, enc, cfg, 0, work, step, "t")
 
     whole, tr = trainer(tmp_path / "a")
     tr.run(resume=False)
@@ -198,7 +200,7 @@ def test_smoke_recipe_end_to_end(tmp_path, capsys):
     assert (out / "students" / "distilled" / "seed0" / "result.json").stat().st_mtime_ns == stamp
     # and a fresh run without --resume or --force is refused in one line
     assert main(["run", str(SMOKE), "--out", str(out)]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "run directory already exists" in capsys.readouterr().err
 
 
 def test_bad_teacher_source_and_layer_map_are_one_line(tmp_path, capsys):
@@ -216,11 +218,27 @@ def test_token_cosine_and_attention_run_the_teacher_online(tmp_path):
         "variants=[{name: online, loss: {soft: {weight: 1}, "
         "cosine: {pool: tokens, layer_map: {1: 2, 2: 4}}, attention: {layer_map: {2: 4}}}}]"
     )
-    assert main(["run", str(SMOKE), "--out", str(out), variant, "eval.speed=false"]) == 0
+    args = [
+        "run",
+        str(SMOKE),
+        "--out",
+        str(out),
+        variant,
+        "eval.latency=false",
+        "train.log_every=1",
+    ]
+    assert main(args) == 0
     res = json.loads((out / "students" / "online" / "seed0" / "result.json").read_text())
     assert res["teacher_signals"] == "online" and not (out / "signals").exists()
-    losses = [
-        json.loads(line)["train_loss"]
+    steps = [
+        json.loads(line)
         for line in (out / "students/online/seed0/metrics.jsonl").open()
+        if '"lr"' in line
     ]
-    assert all(x == x and x > 0 for x in losses)  # finite, positive
+    # every step logs each term, and each term is finite and positive: a term that was
+    # silently zeroed (or dropped) fails here, not only the total
+    assert steps and all(
+        s[f"loss/{t}"] == s[f"loss/{t}"] and s[f"loss/{t}"] > 0
+        for s in steps
+        for t in ("soft", "cos", "attn")
+    ), steps

@@ -177,8 +177,3 @@ def _val_metrics(model: nn.Module, val: ArrayDataset, batch_size: int = 1024) ->
         "val_loss": float(cross_entropy(logits, val.y)),
         "val_acc": float((logits.argmax(-1) == val.y).float().mean()),
     }
-
-
-# until the text family moves onto the engine (its FSDP path imports these)
-_train_state = dist.train_state
-_load_train_state = dist.load_train_state

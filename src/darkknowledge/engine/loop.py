@@ -113,6 +113,12 @@ def train(
     total = cfg.total_steps(spe)
     opt = build_optimizer(optimizer_module or task.trained, cfg)
     sched = Schedule(opt, cfg, total)
+    # the gradient norm sums per-parameter norms in this order; the order decides the
+    # last bits of a clipped step (a task may ask for the optimizer's group order)
+    if getattr(task, "clip_in_group_order", False):
+        clip_params = [p for g in opt.param_groups for p in g["params"]]
+    else:
+        clip_params = list(task.trained.parameters())
     ckpt = folder / checkpoint.NAME if folder is not None else None
     step = resumed_from = 0
     metrics_offset, wall_before = 0, 0.0
@@ -169,7 +175,7 @@ def train(
         if not math.isfinite(stats["loss"]):  # before the update: the weights stay good
             _stop_non_finite(step + 1, stats, ckpt, folder)
         if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(task.trained.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
         opt.step()
         after = getattr(task, "after_update", None)
         if after is not None:

@@ -37,20 +37,27 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import dist
+from .. import dist, faults
+from ..config import TrainConfig
+from ..engine import checkpoint as engine_ckpt
+from ..engine import train
+from ..engine.rundir import prepare_run_dir
 from ..errors import DKError
 from ..evaluate import quality
-from . import io as hfio
-from .distil_losses import (
+from ..losses import divergence_loss
+from ..losses.features import (
     HiddenProjection,
     attention_transfer,
     hidden_cosine,
+    hidden_mse,
     pool,
-    soft_target,
 )
+from ..recipe_io import dump_recipe
+from . import io as hfio
+from .distil_losses import soft_target
 from .layers import every_other, num_layers, student_from_teacher
 from .text_data import Encoded, encode, num_classes, read_split
-from .text_recipe import FinetuneConfig, TextLoss, TextRecipe, TrainConfig, Variant
+from .text_recipe import TextLoss, TextRecipe, Variant
 
 CLF = "AutoModelForSequenceClassification"
 
@@ -108,26 +115,6 @@ def load_base(recipe: TextRecipe, n_classes: int):
 # ------------------------------------------------------------------ training helpers
 
 
-def _schedule(opt, warmup: float, total: int):
-    w = max(1, int(warmup * total))
-
-    def f(step: int) -> float:
-        if step < w:
-            return (step + 1) / w
-        return max(0.0, (total - step) / max(1, total - w))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
-def _optimizer(params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]], lr, wd):
-    decay = [p for n, p in named if p.ndim >= 2 and "LayerNorm" not in n and "norm" not in n]
-    ids = {id(p) for p in decay}
-    rest = [p for p in params if id(p) not in ids]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=lr
-    )
-
-
 @torch.inference_mode()
 def predict(model: nn.Module, enc: Encoded, batch_size: int = 128) -> Tensor:
     """Logits ``(N, C)``; batches of similar length keep the padding small."""
@@ -146,10 +133,6 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
-
-
 class _Step(nn.Module):
     """A training step's forward as one module (student + projection), so that DDP sees
     every trainable parameter in its forward: ``(x, m, y, ids)`` → (loss, parts)."""
@@ -160,11 +143,6 @@ class _Step(nn.Module):
 
     def forward(self, x, m, y, ids):
         return self.step_fn(x, m, y, ids)
-
-
-def _steps(n: int, epochs: float, bs: int) -> tuple[int, int]:
-    per_epoch = math.ceil(n / bs)
-    return per_epoch, max(1, math.ceil(epochs * per_epoch))
 
 
 def _epoch_batches(lengths: Tensor, bs: int, seed: int, epoch: int) -> list[Tensor]:
@@ -184,128 +162,68 @@ def _epoch_batches(lengths: Tensor, bs: int, seed: int, epoch: int) -> list[Tens
     return [batches[i] for i in order]
 
 
-class _Trainer:
-    """The loop shared by teacher fine-tuning and student training: AdamW, linear warmup
-    and decay, dev evaluation every ``eval_every`` steps (best state kept), resumable
-    checkpoints."""
+class TextTask:
+    """The text family's task for the engine (teacher fine-tuning and student training):
+    length-bucketed batches (:func:`_epoch_batches`), the step module's loss, dev
+    evaluation with the best state kept (and checkpointed), the best state at the end.
+
+    ``trained`` is the step module: the model and the learned projection of a
+    hidden-state term (``extra``), optimised and checkpointed together; only the model
+    is exported. Several processes: every process takes its contiguous slice of the
+    global batch and weights its mean loss by ``slice / batch`` (DDP averages, the engine
+    multiplies by the number of processes), so the update is the one-process update; an
+    empty slice runs one row with weight 0."""
 
     def __init__(
-        self,
-        model,
-        extra: nn.Module | None,
-        train: Encoded,
-        dev: Encoded,
-        cfg: TrainConfig | FinetuneConfig,
-        seed: int,
-        work: Path,
-        step_fn,
-        label: str,
-    ):
+        self, model, extra, train, dev, cfg: TrainConfig, seed, work: Path, step_fn, label,
+        terms: tuple[str, ...] = (),
+    ):  # fmt: skip
         self.model, self.extra, self.train, self.dev = model, extra, train, dev
-        self.cfg, self.seed, self.work, self.step_fn, self.label = cfg, seed, work, step_fn, label
-        self.per_epoch, self.total = _steps(len(train), cfg.epochs, cfg.batch_size)
-        self.eval_every = cfg.eval_every or self.per_epoch
+        self.cfg, self.seed, self.work, self.label = cfg, seed, work, label
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.total = cfg.total_steps(self.steps_per_epoch)
+        self.stat_names = terms  # the loss terms step_fn reports
+        self.clip_in_group_order = True  # as this family always clipped (same last bits)
         st = dist.state()
         self.world, self.rank, self.main = st.world, st.rank, st.is_main
         self.device = dist.default_device()
         model.to(self.device)
         if extra is not None:
             extra.to(self.device)
-        self.net = None
+        step = _Step(model, extra, step_fn)
         # FSDP2 (accelerate launch --use_fsdp): a unit per encoder layer, and the step
         # module (embeddings, pooler, classifier, projection) around them; the whole loss
-        # is computed inside its forward. The parameters become shards: the optimizer is
-        # built from them, below.
+        # is computed inside its forward. The optimizer takes the shards.
         self.fsdp = st.fsdp
         if self.fsdp:
-            self.net = dist.shard_step(_Step(model, extra, step_fn), dist.blocks_of(model))
+            self.net = self.trained = dist.shard_step(step, dist.blocks_of(model))
         elif self.world > 1:  # DDP over the step module (find_unused: e.g. an idle pooler)
-            self.net = dist.wrap(_Step(model, extra, step_fn), ddp_only=True, find_unused=True)
-        mods = [model] + ([extra] if extra is not None else [])
-        named = [(n, p) for m in mods for n, p in m.named_parameters() if p.requires_grad]
-        self.opt = _optimizer([p for _, p in named], named, cfg.lr, cfg.weight_decay)
-        self.sched = _schedule(self.opt, cfg.warmup, self.total)
-        self.step, self.best_dev, self.best_state, self.best_step = 0, -1.0, None, 0
-        self.wall = 0.0
-        self._epoch, self._batches = -1, []
-        self.ckpt = work / "ckpt.pt"
-        self.metrics = work / "metrics.jsonl"
-
-    def _states(self) -> tuple[dict, dict | None, dict]:
-        """Model, projection and optimizer state, whole (collective under FSDP: on
-        process 0, keyed by parameter name; the optimizer state of a DDP or one-process
-        run is the optimizer's own)."""
-        if not self.fsdp:
-            extra = self.extra.state_dict() if self.extra is not None else None
-            return self.model.state_dict(), extra, self.opt.state_dict()
-        from ..train import _train_state
-
-        msd, osd = _train_state(self.net, self.opt)  # keys "model.…" and "extra.…"
-        model = {k[6:]: v for k, v in msd.items() if k.startswith("model.")}
-        extra = {k[6:]: v for k, v in msd.items() if k.startswith("extra.")}
-        return model, (extra if self.extra is not None else None), osd
-
-    def _save(self) -> None:
-        rngs = dist.all_gather_object(torch.get_rng_state())  # each process's dropout stream
-        gpu = self.device.type == "cuda"  # dropout on a GPU draws from its own generator
-        cuda = dist.all_gather_object(torch.cuda.get_rng_state(self.device) if gpu else None)
-        model, extra, opt = self._states()
-        if not self.main:
-            dist.barrier()
-            return
-        state = {
-            "step": self.step,
-            "fsdp": self.fsdp,
-            "model": model,
-            "extra": extra,
-            "opt": opt,
-            "sched": self.sched.state_dict(),
-            "best_dev": self.best_dev,
-            "best_state": self.best_state,
-            "best_step": self.best_step,
-            "wall": self.wall,
-            "rng": _rng_state(),
-            "rng_ranks": rngs,
-            "cuda_rng_ranks": cuda,
-        }
-        tmp = self.ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt)
-        dist.barrier()
-
-    def _load(self) -> None:
-        state = torch.load(self.ckpt, weights_only=False, map_location="cpu")
-        dist.check_checkpoint_sharding(self.ckpt, bool(state.get("fsdp", False)))
-        if self.fsdp:
-            from ..train import _load_train_state
-
-            msd = {f"model.{k}": v for k, v in state["model"].items()}
-            msd |= {f"extra.{k}": v for k, v in (state["extra"] or {}).items()}
-            _load_train_state(self.net, self.opt, msd, state["opt"])
+            self.trained = step
+            self.net = dist.wrap(step, ddp_only=True, find_unused=True)
         else:
-            self.model.load_state_dict(state["model"])
-            if self.extra is not None and state["extra"] is not None:
-                self.extra.load_state_dict(state["extra"])
-            self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.step, self.best_dev = state["step"], state["best_dev"]
-        self.best_state, self.best_step = state["best_state"], state["best_step"]
-        self.wall = state["wall"]
-        rngs = state.get("rng_ranks") or [state["rng"]["torch"]]
-        if len(rngs) == self.world:
-            torch.set_rng_state(rngs[self.rank])
-            cuda = state.get("cuda_rng_ranks") or [None]
-            if (
-                self.device.type == "cuda"
-                and len(cuda) == self.world
-                and cuda[self.rank] is not None
-            ):
-                torch.cuda.set_rng_state(cuda[self.rank], self.device)
-        else:  # another number of processes: fresh dropout streams
-            torch.manual_seed(self.seed + 1_000_003 * self.rank + self.step)
-        _log(f"{self.label}: resumed at step {self.step}/{self.total}")
+            self.net = self.trained = step
+        self.best_dev, self.best_state, self.best_step = -1.0, None, 0
+        self._epoch, self._batches = -1, []
 
-    def _evaluate(self, train_loss: float) -> None:
+    def micro_batches(self, step: int) -> list:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self._epoch != epoch:
+            lengths = self.train.mask.sum(1)
+            self._batches = _epoch_batches(lengths, self.cfg.batch_size, self.seed, epoch)
+            self._epoch = epoch
+        idx = self._batches[k]
+        if self.world == 1:
+            return [(self.train.batch(idx), 1.0)]
+        mine = dist.shard(idx)
+        return [(self.train.batch(mine if len(mine) else idx[:1]), len(mine) / len(idx))]
+
+    def forward(self, mb) -> tuple[Tensor, dict]:
+        (x, m, y, ids), w = mb
+        dev = self.device
+        loss, parts = self.net(x.to(dev), m.to(dev), y.to(dev), ids)
+        return loss * w, {k: v * w for k, v in parts.items()}
+
+    def evaluate(self, step: int) -> dict:
         if self.fsdp:  # the step module's unit gathered; the layers gather themselves
             self.net.unshard()
         acc = accuracy(predict(self.model, self.dev), self.dev.y)
@@ -315,102 +233,47 @@ class _Trainer:
         # on one process only, and keeping a new best state is collective under FSDP
         acc = dist.broadcast_object(acc)
         if acc > self.best_dev:
-            self.best_dev, self.best_step = acc, self.step
+            self.best_dev, self.best_step = acc, step
             self.best_state = (
                 dist.full_state_dict(self.model)  # whole, on CPU (collective)
                 if self.fsdp
                 else {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             )
-        rec = {
-            "step": self.step,
-            "epoch": self.step / self.per_epoch,
-            "train_loss": train_loss,
-            "dev_accuracy": acc,
+        _log(f"{self.label}: step {step}/{self.total} dev {acc:.4f}")
+        return {"dev_accuracy": acc, "best_dev": self.best_dev}
+
+    def state_dict(self) -> dict:
+        return {
             "best_dev": self.best_dev,
-            "wall_s": round(self.wall, 1),
+            "best_state": self.best_state,
+            "best_step": self.best_step,
         }
-        if self.main:
-            with self.metrics.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-        _log(f"{self.label}: step {self.step}/{self.total} loss {train_loss:.4f} dev {acc:.4f}")
 
-    def _forward_backward(self, idx: Tensor) -> float:
-        """Loss of the global batch ``idx`` and its gradient; returns the batch's loss.
-
-        Several processes: this process's contiguous slice, its mean loss weighted by
-        ``slice / batch × processes`` (DDP averages), so the update is the gradient of the
-        mean loss over the whole batch. An empty slice runs one row with weight 0."""
-        dev = self.device
-        if self.net is None:
-            x, m, y, ids = self.train.batch(idx)
-            loss, _parts = self.step_fn(x.to(dev), m.to(dev), y.to(dev), ids)
-            loss.backward()
-            return float(loss.detach())
-        mine = dist.shard(idx)
-        w = len(mine) / len(idx)
-        x, m, y, ids = self.train.batch(mine if len(mine) else idx[:1])
-        loss, _parts = self.net(x.to(dev), m.to(dev), y.to(dev), ids)
-        (loss * (w * self.world)).backward()
-        share = torch.tensor([float(loss.detach()) * w], dtype=torch.float64)
-        return float(dist.all_reduce_sum(share))
+    def load_state_dict(self, state: dict) -> None:
+        self.best_dev, self.best_step = state["best_dev"], state["best_step"]
+        self.best_state = state["best_state"]
+        _log(f"{self.label}: resumed")
 
     def run(self, resume: bool) -> dict:
         if self.main:
             self.work.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        if self.ckpt.exists() and resume:
-            self._load()  # restores the RNG too: dropout continues as if never stopped
-        else:
-            if self.main:
-                self.metrics.unlink(missing_ok=True)
-            torch.manual_seed(self.seed + 1_000_003 * self.rank)  # own dropout stream
-        running, count, t0 = 0.0, 0, time.perf_counter()
-        while self.step < self.total:
-            self.model.train()
-            if self.extra is not None:
-                self.extra.train()
-            epoch, k = divmod(self.step, self.per_epoch)
-            if self._epoch != epoch:
-                lengths = self.train.mask.sum(1)
-                self._batches = _epoch_batches(lengths, self.cfg.batch_size, self.seed, epoch)
-                self._epoch = epoch
-            idx = self._batches[k]
-            self.opt.zero_grad(set_to_none=True)
-            loss = self._forward_backward(idx)
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.opt.param_groups for p in g["params"]], 1.0
-            )
-            self.opt.step()
-            self.sched.step()
-            self.step += 1
-            running, count = running + loss, count + 1
-            now = time.perf_counter()
-            self.wall += now - t0
-            t0 = now
-            if self.step % self.eval_every == 0 or self.step == self.total:
-                self._evaluate(running / max(count, 1))
-                running, count = 0.0, 0
-                t0 = time.perf_counter()
-            if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
-                self._save()
-                t0 = time.perf_counter()
+        cfg = self.cfg.model_copy(update={"seed": self.seed})
+        fit = train(self, cfg, self.work, resume=resume, desc=self.label, fresh_seed=self.seed)
         sharded = {}
         if self.fsdp:  # what each process held (1/N of the model), then the whole model
             sharded = {"fsdp": True, "param_bytes_per_process": dist.all_gather_object(
                 dist.local_param_bytes(self.model))}  # fmt: skip
-            self.model = self._plain(self.best_state or dist.full_state_dict(self.model))
+            full = self.best_state or dist.full_state_dict(self.model)
+            self.model = hfio.whole_copy(self.model, full).to(self.device)
         elif self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return {
-            "steps": self.total,
+            "steps": fit.steps,
             "best_dev_step": self.best_step,
             "best_dev_accuracy": self.best_dev,
-            "train_wall_s": round(self.wall, 1),
+            "train_wall_s": round(fit.wall_s, 1),
         } | sharded
-
-    def _plain(self, full: dict):
-        """A whole (unsharded) copy of the model with ``full``, on this process's device."""
-        return hfio.whole_copy(self.model, full).to(self.device)
 
 
 # ------------------------------------------------------------------ stages
@@ -441,7 +304,7 @@ def _finetune_teacher(recipe, model, tok, enc, out: Path, resume: bool) -> dict:
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"ce": float(loss.detach())}
 
-    tr = _Trainer(model, None, enc["train"], enc["dev"], cfg, cfg.seed, out, step, "teacher")
+    tr = TextTask(model, None, enc["train"], enc["dev"], cfg, cfg.seed, out, step, "teacher")
     fit = tr.run(resume)
     return tr.model, fit  # whole again after FSDP
 
@@ -485,8 +348,9 @@ def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
 def _save_teacher(model, tok, tdir: Path, res: dict) -> None:
     tdir.mkdir(parents=True, exist_ok=True)
     hfio.save_pretrained(model, tdir / "model", tok)
+    faults.point("saved")
     _write_json(tdir / "result.json", res)
-    (tdir / "ckpt.pt").unlink(missing_ok=True)
+    (tdir / engine_ckpt.NAME).unlink(missing_ok=True)
 
 
 def _evaluate_model(model, enc, teacher_test_logits: Tensor | None) -> dict:
@@ -527,15 +391,16 @@ def _taps(recipe: TextRecipe, n_teacher: int) -> list[tuple[int, str]]:
     taps = set()
     for v in recipe.variants:
         loss = recipe.variant_loss(v)
-        if loss.cosine is not None and loss.cosine.pool != "tokens":
+        if loss.hidden is not None and loss.hidden.pool != "tokens":
             for t in _layer_map(loss, recipe, n_teacher).values():
-                taps.add((t, loss.cosine.pool))
+                taps.add((t, loss.hidden.pool))
     return sorted(taps)
 
 
 def _layer_map(loss: TextLoss, recipe: TextRecipe, n_teacher: int) -> dict[int, int]:
     n_student = len(recipe.student.layers or every_other(n_teacher))
-    lm = loss.cosine.layer_map if loss.cosine and loss.cosine.layer_map else {n_student: n_teacher}
+    hid = loss.hidden
+    lm = hid.layer_map if hid and hid.layer_map else {n_student: n_teacher}
     for s, t in lm.items():
         if s > n_student or t > n_teacher:
             raise DKError(
@@ -572,13 +437,24 @@ def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
         preprocessing={
             "max_length": recipe.data.max_length,
             "train": recipe.data.model_dump(mode="json"),
-            "examples": [recipe.train.examples, recipe.train.examples_seed],
+            "examples": [recipe.data.student_examples, recipe.data.student_examples_seed],
         },
         tokenizer=json_digest(tok.get_vocab()),
         force=force,
     )
     _log(f"signals: ready ({time.perf_counter() - t0:.0f} s)")
     return store
+
+
+def _terms(loss: TextLoss) -> tuple[str, ...]:
+    """The names of the loss terms a student's step reports (metrics ``loss/<name>``)."""
+    names = []
+    for key, part in (("hard", "hard"), ("soft", "soft"), ("cosine", "cos"),
+                      ("hint_mse", "hint_mse"), ("attention", "attn")):  # fmt: skip
+        c = getattr(loss, key)
+        if c is not None and c.weight > 0:
+            names.append(part)
+    return (*names, *(k for k, c in loss.divergences.items() if c.weight > 0))
 
 
 def student_stage(
@@ -604,11 +480,14 @@ def student_stage(
     if loss_cfg.attention is not None:
         for mdl in (student, teacher):
             mdl.set_attn_implementation("eager")
-    lmap = _layer_map(loss_cfg, recipe, n_t) if loss_cfg.cosine else {}
+    hid = loss_cfg.hidden  # cosine and/or hint_mse: one layer map, one projection
+    lmap = _layer_map(loss_cfg, recipe, n_t) if hid else {}
     proj = HiddenProjection(lmap, student.config.hidden_size, teacher.config.hidden_size)
     teacher.eval()
     online = loss_cfg.online_teacher or (loss_cfg.needs_teacher and store is None)
-    want_hidden = loss_cfg.cosine is not None and loss_cfg.cosine.weight > 0
+    want_cos = loss_cfg.cosine is not None and loss_cfg.cosine.weight > 0
+    want_hint = loss_cfg.hint_mse is not None and loss_cfg.hint_mse.weight > 0
+    want_hidden = want_cos or want_hint
     want_attn = loss_cfg.attention is not None and loss_cfg.attention.weight > 0
     amap = {}
     if want_attn:
@@ -635,7 +514,7 @@ def student_stage(
                     )
                 t_logits = t_out.logits.clone()
                 if want_hidden:
-                    how = loss_cfg.cosine.pool
+                    how = hid.pool
                     for t in lmap.values():
                         h = t_out.hidden_states[t].clone()
                         t_hidden[t] = h if how == "tokens" else pool(h, m, how)
@@ -644,7 +523,7 @@ def student_stage(
                 t_logits = sig.logits.to(x.device)  # (B, C)
                 if want_hidden:
                     for t in lmap.values():
-                        h = sig.hidden[f"taps.{loss_cfg.cosine.pool}_{t}"]  # (B, H)
+                        h = sig.hidden[f"taps.{hid.pool}_{t}"]  # (B, H)
                         t_hidden[t] = h.to(x.device)
         if loss_cfg.hard is not None and loss_cfg.hard.weight > 0:
             parts["hard"] = nn.functional.cross_entropy(logits.float(), y)
@@ -652,9 +531,18 @@ def student_stage(
         if loss_cfg.soft is not None and loss_cfg.soft.weight > 0:
             parts["soft"] = soft_target(logits, t_logits, loss_cfg.soft.temperature)
             total = total + loss_cfg.soft.weight * parts["soft"]
-        if want_hidden:
-            parts["cos"] = hidden_cosine(out.hidden_states, t_hidden, m, proj, loss_cfg.cosine.pool)
+        for name, c in loss_cfg.divergences.items():  # registered divergences, by name
+            if c.weight > 0:
+                parts[name] = divergence_loss(
+                    name, logits, t_logits, c.temperature, None, **dict(c.params(name))
+                )
+                total = total + c.weight * parts[name]
+        if want_cos:
+            parts["cos"] = hidden_cosine(out.hidden_states, t_hidden, m, proj, hid.pool)
             total = total + loss_cfg.cosine.weight * parts["cos"]
+        if want_hint:
+            parts["hint_mse"] = hidden_mse(out.hidden_states, t_hidden, m, proj, hid.pool)
+            total = total + loss_cfg.hint_mse.weight * parts["hint_mse"]
         if want_attn:
             t_attn = tuple(a.clone() for a in t_out.attentions)
             parts["attn"] = attention_transfer(out.attentions, t_attn, amap, m)
@@ -666,7 +554,7 @@ def student_stage(
         f"init {recipe.variant_init(v)}, loss {loss_cfg.model_dump(exclude_none=True)}"
     )
     torch.manual_seed(seed)
-    tr = _Trainer(
+    tr = TextTask(
         student,
         proj,
         enc["student_train"],
@@ -676,6 +564,7 @@ def student_stage(
         work,
         step,
         f"{v.name}/seed{seed}",
+        terms=_terms(loss_cfg),
     )
     fit = tr.run(resume)
     student = tr.model  # whole again after FSDP
@@ -713,8 +602,9 @@ def _export_student(student, tok, work: Path, enc, teacher_test_logits) -> dict:
 
 
 def _finish_student(work: Path, res: dict) -> None:
+    faults.point("saved")  # the model is saved (_export_student), its result not yet
     _write_json(work / "result.json", res)
-    (work / "ckpt.pt").unlink(missing_ok=True)
+    (work / engine_ckpt.NAME).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ size and speed
@@ -844,7 +734,8 @@ def run_text_recipe(
     t_start = time.perf_counter()
     splits = _data(recipe, splits)
     teacher, tok, enc, t_res = teacher_stage(recipe, out, splits, resume)
-    enc["student_train"] = enc["train"].subset(recipe.train.examples, recipe.train.examples_seed)
+    d = recipe.data
+    enc["student_train"] = enc["train"].subset(d.student_examples, d.student_examples_seed)
     for p in teacher.parameters():
         p.requires_grad_(False)
     store = signals_stage(recipe, out, teacher, tok, enc, force=False)
@@ -873,7 +764,7 @@ def _check_processes(recipe: TextRecipe) -> None:
         return
     for v in recipe.variants:
         loss = recipe.variant_loss(v)
-        per_token = (loss.cosine is not None and loss.cosine.pool == "tokens") or (
+        per_token = (loss.hidden is not None and loss.hidden.pool == "tokens") or (
             loss.attention is not None
         )
         if per_token:
@@ -884,11 +775,9 @@ def _check_processes(recipe: TextRecipe) -> None:
 
 
 def _prepare_out(out: Path, recipe: TextRecipe, seeds, resume: bool, force: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise DKError(f"{out}: exists and is not empty; use --resume to continue or --force")
-    if force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """The run folder's rules are the engine's (resume only the same recipe; --force
+    replaces); config.json also records the seeds of this invocation."""
+    prepare_run_dir(out, dump_recipe(recipe), "text", resume, force)
     _write_json(out / "config.json", recipe.model_dump(mode="json") | {"run_seeds": seeds})
 
 
@@ -916,8 +805,8 @@ def _report(recipe, out: Path, splits, enc, teacher, t_res, seeds, results, t_st
         "size": {"teacher": size_of(teacher), "student": size_of(sample)},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    if recipe.eval.speed:
-        L, runs = recipe.eval.speed_length, recipe.eval.speed_runs
+    if recipe.eval.latency:
+        L, runs = recipe.eval.latency_length, recipe.eval.latency_runs
         rep["speed"] = {"threads": torch.get_num_threads(), "length": L}
         for name, mdl in (("teacher", teacher.cpu()), ("student", sample)):  # CPU latency
             rep["speed"][name] = {

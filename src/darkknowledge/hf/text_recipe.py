@@ -13,7 +13,18 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import ExistingPath, Fraction, PosFloat, PosInt, RecipePath, Strict
+from ..config import (
+    EvalConfig,
+    ExistingPath,
+    GenericDivergenceConfig,
+    PosFloat,
+    PosInt,
+    RecipePath,
+    Strict,
+    TrainConfig,
+    divergence_terms,
+    with_defaults,
+)
 
 NonNeg = Annotated[float, Field(ge=0.0)]
 
@@ -36,24 +47,34 @@ class TextData(Strict):
     subset_seed: int = 0
     dev_subset: PosInt | None = None
     test_subset: PosInt | None = None
+    # students train on a seeded subset of this many training examples (default: all);
+    # only these are labelled by the teacher
+    student_examples: PosInt | None = None
+    student_examples_seed: int = 0
 
 
-class FinetuneConfig(Strict):
-    epochs: PosFloat = 2.0
-    batch_size: PosInt = 32
-    lr: PosFloat = 5.0e-5
-    weight_decay: NonNeg = 0.01
-    warmup: Fraction = 0.06
-    seed: int = 0
-    eval_every: PosInt | None = None  # steps between dev evaluations (default: each epoch)
-    checkpoint_every: PosInt = 200  # steps between resumable checkpoints
+# the text family's defaults for ``train:`` and ``teacher.finetune:`` (BERT's recipe:
+# AdamW, linear warm-up over 6 % of the steps then linear decay, clipping at 1, no weight
+# decay on biases and norms)
+TRAIN_DEFAULTS = {
+    "epochs": 3.0,
+    "batch_size": 32,
+    "lr": 1.0e-4,
+    "weight_decay": 0.01,
+    "decay": "matrices",
+    "warmup": 0.06,
+    "schedule": "linear",
+    "grad_clip": 1.0,
+    "checkpoint_every": 200,
+}
+FINETUNE_DEFAULTS = {**TRAIN_DEFAULTS, "epochs": 2.0, "lr": 5.0e-5}
 
 
 class TeacherConfig(Strict):
     source: str  # minilm-l6 | a model folder | tiny:<name>
     # a classifier folder to use as the fine-tuned teacher (skips fine-tuning)
     checkpoint: ExistingPath | None = None
-    finetune: FinetuneConfig | None = None  # fine-tune the teacher on the task first
+    finetune: TrainConfig | None = None  # fine-tune the teacher on the task first
     tiny: dict[str, int | float | str] = Field(
         default_factory=dict
     )  # config overrides for tiny:<name>
@@ -87,43 +108,56 @@ class AttentionConfig(Strict):
     layer_map: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
 
 
+class HintConfig(CosineConfig):
+    """A FitNet-style hint: MSE between the projected student and the teacher hidden
+    states (Romero et al. 2015), same layer map and pooling as ``cosine``."""
+
+
 class TextLoss(Strict):
     soft: SoftConfig | None = None  # soft targets on the task logits
     hard: WeightConfig | None = WeightConfig()  # cross-entropy on the labels
     cosine: CosineConfig | None = None
+    hint_mse: HintConfig | None = None
     attention: AttentionConfig | None = None  # teacher runs during training
+    # any registered divergence on the task logits, by name (darkknowledge.losses.registry)
+    divergences: dict[str, GenericDivergenceConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered(cls, data):
+        return divergence_terms(data, set(cls.model_fields))
 
     @model_validator(mode="after")
     def _something(self):
-        active = [k for k in ("soft", "hard", "cosine", "attention") if getattr(self, k)]
-        if not any(getattr(self, k).weight > 0 for k in active):
+        for name, c in self.divergences.items():
+            c.params(name)
+        terms = [getattr(self, k) for k in ("soft", "hard", "cosine", "hint_mse", "attention")]
+        terms = [t for t in terms if t is not None] + list(self.divergences.values())
+        if not any(t.weight > 0 for t in terms):
             raise ValueError("loss: at least one term with a weight > 0 is needed")
+        if self.cosine and self.hint_mse and self.cosine.layer_map != self.hint_mse.layer_map:
+            raise ValueError(
+                "loss: cosine and hint_mse share one projection: give the same layer_map"
+            )
         return self
 
     @property
+    def hidden(self) -> CosineConfig | None:
+        """The hidden-state term's layer map and pooling (cosine and/or hint_mse)."""
+        return self.cosine or self.hint_mse
+
+    @property
     def needs_teacher(self) -> bool:
-        return any(getattr(self, k) is not None for k in ("soft", "cosine", "attention"))
+        return bool(self.divergences) or any(
+            getattr(self, k) is not None for k in ("soft", "cosine", "hint_mse", "attention")
+        )
 
     @property
     def online_teacher(self) -> bool:
         """Terms the store cannot serve: per-token hidden states, attention maps."""
         return self.attention is not None or (
-            self.cosine is not None and self.cosine.pool == "tokens"
+            self.hidden is not None and self.hidden.pool == "tokens"
         )
-
-
-class TrainConfig(Strict):
-    # students train on a seeded subset of this many training examples (default: all);
-    # only these are labelled by the teacher
-    examples: PosInt | None = None
-    examples_seed: int = 0
-    epochs: PosFloat = 3.0
-    batch_size: PosInt = 32
-    lr: PosFloat = 1.0e-4
-    weight_decay: NonNeg = 0.01
-    warmup: Fraction = 0.06
-    eval_every: PosInt | None = None  # steps between dev evaluations (default: each epoch)
-    checkpoint_every: PosInt = 200  # steps between resumable checkpoints
 
 
 class Variant(Strict):
@@ -136,28 +170,41 @@ class Variant(Strict):
     about: str = ""
 
 
-class EvalConfig(Strict):
-    speed: bool = True  # in-process CPU timing of teacher and student (report table)
-    speed_length: PosInt = 64
-    speed_runs: PosInt = 20
-    batch_size: PosInt = 128
-
-
 class TextRecipe(Strict):
     name: str = "text"
     data: TextData
     teacher: TeacherConfig
     student: StudentConfig = StudentConfig()
     loss: TextLoss = TextLoss(soft=SoftConfig(), hard=WeightConfig(), cosine=CosineConfig())
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS)
     variants: list[Variant] = Field(default_factory=lambda: [Variant(name="distilled")])
     seeds: list[int] = Field(default_factory=lambda: [0])
     threads: PosInt | None = None  # torch CPU threads (default: torch's choice)
-    eval: EvalConfig = EvalConfig()
+    eval: EvalConfig = EvalConfig(latency_runs=20)
     signals_dir: RecipePath | None = None  # where the teacher's store goes (default: run dir)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        data["train"] = with_defaults(data.get("train"), TRAIN_DEFAULTS)
+        t = data.get("teacher")
+        if isinstance(t, dict) and t.get("finetune") is not None:
+            data["teacher"] = {**t, "finetune": with_defaults(t["finetune"], FINETUNE_DEFAULTS)}
+        ev = data.get("eval")
+        if ev is None or isinstance(ev, dict):
+            ev = dict(ev or {})
+            if not {"latency_runs", "speed_runs"} & set(ev):
+                ev["latency_runs"] = 20  # the text family's default
+            data["eval"] = ev
+        return data
 
     @model_validator(mode="after")
     def _check(self):
+        if self.train.augment != "none":
+            raise ValueError("train.augment: image augmentation does not apply to text")
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variants: names must be unique, got {names}")
