@@ -112,26 +112,42 @@ def _main(argv: list[str] | None = None) -> int:
         ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return _run_command(args)
+
+
+def _run_command(args) -> int:
+    from .engine import rundir
+
     try:
-        return _dispatch(args)
-    except DKError as e:
+        rc = _dispatch(args)
+        rundir.commit_replaced()  # a run replaced with --force: the new one finished
+        return rc
+    except BaseException:
+        # the new run failed before its first checkpoint: the run it replaced comes back
+        rundir.restore_replaced()
+        return _failure(sys.exc_info()[1])
+
+
+def _failure(e: BaseException) -> int:
+    if isinstance(e, DKError):
         from .dist import EchoedError
 
         if not isinstance(e, EchoedError):  # process 0 already printed it
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    if isinstance(e, KeyboardInterrupt):
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    except MemoryError:
+    if isinstance(e, MemoryError):
         print(
             "error: out of memory; lower train.batch_size or use a smaller model", file=sys.stderr
         )
         return 1
-    except OSError as e:
+    if isinstance(e, OSError):
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    raise e
 
 
 def _family(recipe_path: str) -> str:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .. import dist, faults
 from ..config import TrainConfig
 from ..errors import DKError
-from . import checkpoint
+from . import checkpoint, rundir
 from .log import MetricsLog, Progress
 from .optim import Schedule, build_optimizer
 
@@ -220,6 +220,8 @@ def train(
                     },
                 )
             dist.barrier()  # the checkpoint is on disk before anyone goes on
+            if st.is_main:
+                rundir.commit_replaced(folder)  # a run it replaced (--force) can go now
             faults.point("checkpoint")
     progress.close()
     log.close()
