@@ -241,13 +241,28 @@ def _dispatch_one(args) -> int:
         print(f"\nreport: {out / 'report.md'}")
         return 0
     if args.cmd == "label":
-        from .pipeline import label_recipe
-        from .recipe_io import load_recipe
+        from .families import load_family_recipe
         from .store.info import format_info
 
-        recipe, _ = load_recipe(args.recipe, args.overrides)
+        fam, recipe, _ = load_family_recipe(args.recipe, args.overrides)
         out = Path(args.out) if args.out else Path("stores") / Path(args.recipe).stem
-        store = label_recipe(recipe, out, force=args.force)
+        if fam == "causal_lm":
+            from .lm.pipeline import label_lm_recipe
+
+            store = label_lm_recipe(recipe, out, force=args.force)
+        elif fam == "classify":
+            from .pipeline import label_recipe
+
+            store = label_recipe(recipe, out, force=args.force)
+        else:
+            raise DKError(
+                f"dk label takes classify and causal_lm recipes; a {fam} recipe "
+                + (
+                    "labels its store inside dk run (OUT/signals)"
+                    if fam == "text"
+                    else "has no teacher to label with"
+                )
+            )
         print(format_info(store.info()))
         return 0
     if args.cmd == "store":

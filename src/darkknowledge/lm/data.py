@@ -27,6 +27,7 @@ class LMBatch:
     input_ids: Tensor  # (B, T)
     attention_mask: Tensor  # (B, T)
     labels: Tensor  # (B, T), −100 where no loss
+    ids: Tensor | None = None  # (B,) example ids (fixed blocks / chat rows): store lookups
 
     @property
     def valid(self) -> Tensor:
@@ -101,6 +102,17 @@ class TextBlocks:
         seq = data[idx]
         x, y = seq[:, :-1], seq[:, 1:]
         return LMBatch(x, torch.ones_like(x), y.clone())
+
+    @property
+    def n_blocks(self) -> int:
+        """Fixed, non-overlapping training blocks (``sampling: blocks``; what a store labels)."""
+        return (len(self.train_ids) - 1) // self.block
+
+    def block_batch(self, block_ids: Tensor) -> LMBatch:
+        """The fixed blocks ``block_ids (B,)``: block i starts at token i·block_size."""
+        b = self.batch_at(block_ids * self.block)
+        b.ids = block_ids.clone()
+        return b
 
     def val_batches(self, batch_size: int):
         starts = torch.arange(self.n_val_blocks) * self.block

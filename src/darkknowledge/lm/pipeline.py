@@ -84,7 +84,8 @@ def _rows(b: LMBatch | None, p: Tensor) -> LMBatch | None:
     """Rows ``p`` of a batch (this process's part of a micro-batch)."""
     if b is None:
         return None
-    return LMBatch(b.input_ids[p], b.attention_mask[p], b.labels[p])
+    ids = b.ids[p] if b.ids is not None else None
+    return LMBatch(b.input_ids[p], b.attention_mask[p], b.labels[p], ids)
 
 
 def load_tokenizers(recipe: LMRecipe):
@@ -98,11 +99,17 @@ def load_tokenizers(recipe: LMRecipe):
         s_tok = t_tok = hfio.load_tokenizer(spec.path)
     else:
         s_tok = hfio.load_tokenizer(recipe.student.model.path)
-        t_tok = hfio.load_tokenizer(recipe.teacher.model.path) if recipe.teacher else None
+        t_tok = hfio.load_tokenizer(recipe.teacher.model.path) if _model_teacher(recipe) else None
     for tok in {id(s_tok): s_tok, id(t_tok): t_tok}.values():
         if tok is not None and tok.pad_token_id is None:
             tok.pad_token = tok.eos_token  # padding is masked; EOS is the usual stand-in
-    return s_tok, (t_tok if recipe.teacher else None), text
+    return s_tok, (t_tok if _model_teacher(recipe) else None), text
+
+
+def _model_teacher(recipe: LMRecipe):
+    """The recipe's teacher model spec (None: no teacher, or a store)."""
+    t = recipe.teacher
+    return t if t is not None and getattr(t, "kind", "model") == "model" else None
 
 
 def build_model(spec, tok, seed: int):
@@ -149,6 +156,7 @@ class Data:
         self.val: ChatSet | None = None
         self.s_pad = s_tok.pad_token_id
         self.t_pad = t_tok.pad_token_id if t_tok is not None else None
+        self.blocks = isinstance(d, TextData) and d.sampling == "blocks"
         if isinstance(d, TextData):
             self.text = TextBlocks.from_text(
                 text, s_tok, d.block_size, d.val_fraction, d.val_blocks
@@ -188,6 +196,14 @@ class Data:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         out = []
         for m in range(accum):
+            if self.text is not None and self.blocks:  # the fixed blocks, an order per epoch
+                n = self.text.n_blocks
+                per_epoch = max(n // batch_size, 1)
+                epoch, k = divmod(step * accum + m, per_epoch)
+                g = torch.Generator().manual_seed(seed * 7919 + epoch)
+                idx = torch.randperm(n, generator=g)[k * batch_size : (k + 1) * batch_size]
+                out.append((self.text.block_batch(idx), None))
+                continue
             if self.text is not None:
                 b = self.text.batch_at(self.text.offsets(gen, batch_size))
                 out.append((b, None))
@@ -314,7 +330,9 @@ class LMTask:
         seqkd: Tensor | None = None,
         desc: str = "train",
         teacher_root=None,
+        store=None,
     ):
+        self.store = store  # a StoreTeacher: the teacher's signals looked up by block id
         self.model, self.tok, self.data, self.cfg, self.dist = model, tok, data, cfg, dist
         self.folder, self.teacher, self.seqkd, self.desc = folder, teacher, seqkd, desc
         # a sharded teacher: the FSDP root whose forward gives its hidden states
@@ -414,6 +432,29 @@ class LMTask:
     def _val_loss(self) -> float:
         return val_loss(self.model, self.data, root=self.net if self.fsdp else None)
 
+    def _stored_target(self, s: LMBatch, valid: Tensor):
+        """The teacher's stored signals at the batch's labelled positions: dense logits
+        (dense and head stores) or top-k ids, log-probs and tail mass, rows in the order
+        of the student's valid positions."""
+        from ..signals import Batch
+
+        sig = self.store.signals(Batch(s.input_ids, None, s.ids))
+        valid = valid.cpu()
+        if sig.logits is not None:
+            t = sig.logits[valid].to(self.dev)  # (n, V)
+
+            def target(lo, hi):
+                return t[lo:hi]
+        else:
+            ids = sig.topk_ids[valid].to(self.dev)  # (n, K)
+            lp = sig.topk_logprobs[valid].to(self.dev)
+            tail = sig.tail_mass[valid].to(self.dev)  # (n,)
+
+            def target(lo, hi):
+                return ids[lo:hi], lp[lo:hi], tail[lo:hi]
+
+        return target
+
     def plain_model(self):
         """The trained model, whole (on every process: collective under FSDP)."""
         if not self.fsdp:
@@ -428,6 +469,8 @@ class LMTask:
             valid = s.valid.to(dev)
             rows, labels = h[valid], s.labels.to(dev)[valid]
             target = None
+            if self.store is not None and spec.kd_weight > 0:
+                target = self._stored_target(s, valid)
             if self.teacher is not None and spec.kd_weight > 0:
                 tb = t if t is not None else s
                 t_body = self.teacher_root or HiddenStates(self.teacher)
@@ -570,8 +613,9 @@ def seqkd_data(recipe: LMRecipe, teacher, data: Data, folder: Path) -> Tensor:
 
 
 def student_phase(
-    recipe, seed, s_tok, data, teacher, folder: Path, resume: bool, seqkd=None, teacher_root=None
-):
+    recipe, seed, s_tok, data, teacher, folder: Path, resume: bool, seqkd=None, teacher_root=None,
+    store=None,
+):  # fmt: skip
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -583,7 +627,7 @@ def student_phase(
     model = model.to(dev)
     tr = LMTask(
         model, s_tok, data, cfg, recipe.distill, folder, teacher=teacher, seqkd=seqkd,
-        desc=f"student seed {seed}", teacher_root=teacher_root,
+        desc=f"student seed {seed}", teacher_root=teacher_root, store=store,
     )  # fmt: skip
     res = tr.fit(resume)
     res["trainable_params"] = M.param_count(model, trainable=True)
@@ -640,7 +684,8 @@ def run_lm_recipe(
     dev = ddist.default_device()
     # ---- pre-flight, before any training (a teacher trained here: its architecture)
     teacher, t_info, probe_t = None, {}, None
-    if recipe.teacher is not None:
+    store = open_token_store(recipe, data, s_tok) if _is_store(recipe) else None
+    if _model_teacher(recipe) is not None:
         if recipe.teacher.train is None:
             teacher = build_model(recipe.teacher.model, t_tok, 0).eval()
             t_info = {"source": str(recipe.teacher.model.path)}
@@ -662,8 +707,10 @@ def run_lm_recipe(
         bytes_per=2 if recipe.train.dtype == "bf16" else 4,
     )
     del probe_s, probe_t
-    if recipe.teacher is not None and teacher is None:
+    if _model_teacher(recipe) is not None and teacher is None:
         teacher, t_info = teacher_phase(recipe, t_tok, data, out, resume)
+    if store is not None:
+        t_info = {"store": str(recipe.teacher.path), "signal": store.store.signal}
     report: dict = {"name": recipe.name, "mode": recipe.distill.mode, "preflight": info}
     if teacher is not None:
         for p in teacher.parameters():
@@ -671,6 +718,8 @@ def run_lm_recipe(
         t_info = dict(t_info)
         if "val_loss" not in t_info:
             t_info["val_loss"] = val_loss(teacher, data, teacher=True)
+        report["teacher"] = t_info
+    elif store is not None:
         report["teacher"] = t_info
     use_teacher = teacher if recipe.distill.mode in ("token", "gkd") else None
     root = None
@@ -688,7 +737,7 @@ def run_lm_recipe(
     for s in seed_list:
         folder = out / "student" if seeds is None else out / f"seed_{s}" / "student"
         students[str(s)] = student_phase(
-            recipe, s, s_tok, data, use_teacher, folder, resume, seqkd, root
+            recipe, s, s_tok, data, use_teacher, folder, resume, seqkd, root, store
         )
     report["students"] = students
     vals = [r["val_loss"] for r in students.values()]
@@ -701,6 +750,117 @@ def run_lm_recipe(
     return format_report(report, out)
 
 
+# ---------------------------------------------------------------- stores
+
+
+def _is_store(recipe: LMRecipe) -> bool:
+    return recipe.teacher is not None and getattr(recipe.teacher, "kind", "model") == "store"
+
+
+def _store_preprocessing(recipe: LMRecipe) -> dict:
+    """What turned the text into the labelled blocks (enters the store's fingerprint)."""
+    d = recipe.data.model_dump(mode="json", exclude={"path", "val_blocks"})
+    return {"data": d, "inputs": "token blocks of the training part", "family": "causal_lm"}
+
+
+def _token_blocks(data: Data) -> tuple[Tensor, Tensor, Tensor]:
+    """Every fixed training block: input ids ``(N, T)``, example ids ``(N,)``, mask."""
+    ids = torch.arange(data.text.n_blocks)
+    x = data.text.block_batch(ids).input_ids
+    return x, ids, torch.ones_like(x, dtype=torch.bool)
+
+
+def open_token_store(recipe: LMRecipe, data: Data, tok):
+    """The recipe's store, checked against the run: the same token blocks (ids and
+    digests), the same tokenizer, the same preprocessing; the vocabulary the student's."""
+    from ..store.fingerprint import json_digest, tensor_digest
+    from ..teachers import StoreTeacher
+
+    tc = recipe.teacher
+    x, ids, _ = _token_blocks(data)
+    expect = {
+        "data": tensor_digest(x),
+        "example_ids": tensor_digest(ids),
+        "preprocessing": json_digest(_store_preprocessing(recipe)),
+        "tokenizer": json_digest(tok.get_vocab()),
+        **tc.expect,
+    }
+    teacher = StoreTeacher(tc.path)
+    teacher.store.check(expect, f"teacher.path {tc.path}")
+    st = teacher.store
+    if st.task != "sequence" or st.vocab != len(tok):
+        raise DKError(
+            f"teacher.path {tc.path}: the store holds {st.vocab}-way {st.task} signals but "
+            f"the student's tokenizer has {len(tok)} tokens"
+        )
+    if st.signal == "topk":
+        t = recipe.distill.loss.temperature
+        if abs(t - st.temperature) > 1e-9:
+            raise DKError(
+                f"teacher.path {tc.path}: fingerprint field 'temperature' differs: the top-k "
+                f"store was labelled at {st.temperature:g}, distill.loss.temperature is {t:g}"
+            )
+    return teacher
+
+
+class _Logits(torch.nn.Module):
+    """A causal LM as the labeller sees it: token ids ``(B, T)`` → logits ``(B, T, V)``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+
+def label_lm_recipe(recipe: LMRecipe, out: str | Path, force: bool = False):
+    """`dk label` on a causal_lm recipe: its teacher (trained first into ``out/teacher``
+    when the recipe says so) over every fixed training block of its text, into a token
+    store at ``out`` (rerun to resume)."""
+    from ..config import LabelConfig
+    from ..store import LabelSpec, label
+    from ..store.fingerprint import json_digest
+    from ..teachers import ModuleTeacher
+
+    if _model_teacher(recipe) is None:
+        raise DKError("dk label needs a teacher model: a 'teacher:' section with model:")
+    if not isinstance(recipe.data, TextData):
+        raise DKError("dk label on causal_lm recipes takes text data (data.kind: text) for now")
+    out = Path(out)
+    s_tok, t_tok, text = load_tokenizers(recipe)
+    if json_digest(s_tok.get_vocab()) != json_digest(t_tok.get_vocab()):
+        raise DKError("dk label: a token store needs one tokenizer for teacher and student")
+    data = Data(recipe, s_tok, t_tok, text)
+    if recipe.teacher.train is None:
+        teacher = build_model(recipe.teacher.model, t_tok, 0).eval()
+    else:
+        teacher, _ = teacher_phase(recipe, t_tok, data, out, resume=True)
+    teacher = teacher.to("cpu").eval()
+    lc = recipe.label or LabelConfig()
+    spec = LabelSpec(
+        signal=lc.signal, k=lc.k, dtype=lc.dtype, temperature=lc.temperature,
+        shard_size=lc.shard_size, batch_size=min(lc.batch_size, 64), tail_prior=lc.tail_prior,
+        head_layer=lc.head_layer,
+    )  # fmt: skip
+    x, ids, mask = _token_blocks(data)
+    return label(
+        ModuleTeacher(_Logits(teacher)),
+        x,
+        ids,
+        out,
+        spec,
+        mask=mask,
+        preprocessing=_store_preprocessing(recipe),
+        tokenizer=json_digest(t_tok.get_vocab()),
+        describe={"recipe": recipe.name, "data": str(recipe.data.path), "teacher": "causal_lm"},
+        force=force,
+    )
+
+
 def _preflight(out: Path, *args, **kwargs) -> dict:
     info = preflight(*args, **kwargs)
     (out / "preflight.json").write_text(json.dumps(info, indent=2))
@@ -709,8 +869,11 @@ def _preflight(out: Path, *args, **kwargs) -> dict:
 
 def format_report(report: dict, out: Path) -> str:
     lines = [f"{report['name']} ({report['mode']}): {out}"]
-    if "teacher" in report:
+    if "val_loss" in report.get("teacher", {}):
         lines.append(f"  teacher val loss  {report['teacher']['val_loss']:.4f}")
+    elif "store" in report.get("teacher", {}):
+        t = report["teacher"]
+        lines.append(f"  teacher           a {t['signal']} store: {t['store']}")
     for s, r in report["students"].items():
         lines.append(
             f"  student seed {s:>3}  val loss {r['val_loss']:.4f}  "

@@ -30,6 +30,7 @@ from ..config import (
     EvalConfig,
     ExistingPath,
     Fraction,
+    LabelConfig,
     PosFloat,
     PosInt,
     Strict,
@@ -62,6 +63,9 @@ class TextData(Strict):
     block_size: PosInt = 64
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     val_blocks: PosInt | None = 200  # validate on at most this many blocks (None: all)
+    # random: blocks at random offsets each step (nanoGPT); blocks: the fixed,
+    # non-overlapping blocks in a seeded order per epoch (what a store labels)
+    sampling: Literal["random", "blocks"] = "random"
 
 
 class ChatData(Strict):
@@ -123,6 +127,7 @@ class LoraSpec(Strict):
 
 
 class TeacherSpec(Strict):
+    kind: Literal["model"] = "model"
     model: ModelSpec
     train: TrainConfig | None = None  # set: train it here first (plain CE), then distil
     # under several processes: every process holds the whole teacher (replicate), or
@@ -137,6 +142,15 @@ class TeacherSpec(Strict):
                 "first, or teacher.model.path for a trained one"
             )
         return self
+
+
+class StoreTeacherSpec(Strict):
+    """Token signals written once by ``dk label`` on a causal_lm recipe (the fixed blocks
+    of the same text and tokenizer; fingerprint-checked)."""
+
+    kind: Literal["store"]
+    path: ExistingPath
+    expect: dict[str, str | float | int | None] = Field(default_factory=dict)
 
 
 class StudentSpec(Strict):
@@ -183,11 +197,12 @@ class LMRecipe(Strict):
     seed: int = 0
     data: DataSpec
     tokenizer: TokenizerSpec | None = None
-    teacher: TeacherSpec | None = None
+    teacher: Annotated[TeacherSpec | StoreTeacherSpec, Field(discriminator="kind")] | None = None
     student: StudentSpec
     train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS, epochs=None)
     distill: DistillSpec = DistillSpec(mode="none")
     eval: EvalConfig = EvalConfig()
+    label: LabelConfig | None = None  # used by `dk label`; defaults when absent
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +210,8 @@ class LMRecipe(Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if isinstance(data.get("teacher"), dict) and "kind" not in data["teacher"]:
+            data["teacher"] = {"kind": "model", **data["teacher"]}
         data["train"] = with_defaults(data.get("train"), TRAIN_DEFAULTS)
         t = data.get("teacher")
         if isinstance(t, dict) and t.get("train") is not None:
@@ -212,12 +229,24 @@ class LMRecipe(Strict):
                     f"{where}.augment: image augmentation does not apply to language models; remove it"
                 )
         mode = self.distill.mode
+        if isinstance(self.teacher, StoreTeacherSpec):
+            if not isinstance(self.data, TextData) or self.data.sampling != "blocks":
+                raise ValueError(
+                    "teacher.kind store: a store holds the fixed blocks it labelled; set "
+                    "data.kind: text with data.sampling: blocks (as when it was labelled)"
+                )
+            if mode != "token":
+                raise ValueError(
+                    f"teacher.kind store serves distill.mode token, not {mode!r} (gkd and "
+                    "seqkd need the teacher to score or write new text)"
+                )
         if mode != "none" and self.teacher is None:
             raise ValueError(f"distill.mode {mode!r} needs a teacher: section")
         if self.tokenizer is not None and self.tokenizer.kind == "char":
             if not isinstance(self.data, TextData):
                 raise ValueError("tokenizer kind 'char' needs text data (data.kind: text)")
-        models = [self.student.model] + ([self.teacher.model] if self.teacher else [])
+        t_model = getattr(self.teacher, "model", None)
+        models = [self.student.model] + ([t_model] if t_model is not None else [])
         if self.tokenizer is None and any(isinstance(m, TinyModel) for m in models):
             raise ValueError("a tiny model needs a tokenizer: section (char or path)")
         if mode == "gkd" and not isinstance(self.data, TextData):
