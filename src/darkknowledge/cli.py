@@ -43,6 +43,21 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", help="store folder (default: stores/<recipe name>)")
     lb.add_argument("--force", action="store_true", help="relabel over an existing store")
 
+    ev = sub.add_parser(
+        "eval", help="a language-model student: pass@1, maj@k, greedy accuracy, held-out loss"
+    )
+    ev.add_argument("path", metavar="RUN_DIR|MODEL_DIR")
+    ev.add_argument("--data", required=True, help="JSONL rows with a prompt and an answer")
+    ev.add_argument("--verifier", default="gsm8k", help="gsm8k, exact or regex (default gsm8k)")
+    ev.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
+    ev.add_argument("--temperature", type=float, default=0.6, help="(default 0.6)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
+    ev.add_argument("--prompt-key", default="question", help="(default question)")
+    ev.add_argument("--answer-key", default="answer", help="(default answer)")
+    ev.add_argument("--template", default="{prompt}", help="plain {prompt} substitution")
+    ev.add_argument("--limit", type=int, help="the first N rows only")
+    ev.add_argument("--seed", type=int, default=0)
+
     st = sub.add_parser("store", help="inspect a signal store")
     st_sub = st.add_subparsers(dest="store_cmd", required=True, metavar="SUBCOMMAND")
     si = st_sub.add_parser("info", help="manifest, examples, bytes, bytes per example/token")
@@ -306,6 +321,18 @@ def _dispatch_one(args) -> int:
         write_report(report, args.run_dir)
         print(table(report))
         print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
+        return 0
+    if args.cmd == "eval":
+        from .blackbox.evaluate import eval_models, format_eval
+
+        res = eval_models(
+            Path(args.path), Path(args.data), verifier=args.verifier, k=args.k,
+            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+            prompt_key=args.prompt_key, answer_key=args.answer_key, template=args.template,
+            limit=args.limit, seed=args.seed,
+        )  # fmt: skip
+        print(format_eval(res))
+        print(f"\neval: {Path(args.path) / 'eval.json'}")
         return 0
     if args.cmd == "demo":
         from .demo import run_demo
