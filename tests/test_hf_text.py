@@ -242,3 +242,21 @@ def test_token_cosine_and_attention_run_the_teacher_online(tmp_path):
         for s in steps
         for t in ("soft", "cos", "attn")
     ), steps
+
+
+def test_dk_label_on_a_text_recipe_then_distil_from_the_store(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["label", str(SMOKE), "--out", str(store)]) == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_examples"] == 256
+    run = tmp_path / "run"
+    over = [f"signals_dir={store}", f"teacher.checkpoint={store / 'teacher' / 'model'}",
+            "variants=[{name: distilled}]", "eval.latency=false"]  # fmt: skip
+    assert main(["run", str(SMOKE), "--out", str(run), *over]) == 0
+    res = json.loads((run / "students" / "distilled" / "seed0" / "result.json").read_text())
+    assert res["teacher_signals"] == "store" and not (run / "signals").exists()
+    # a recipe whose variants read nothing stored has nothing to label: one line
+    capsys.readouterr()
+    assert main(["label", str(SMOKE), "--out", str(tmp_path / "s2"),
+                 "variants=[{name: plain, loss: {hard: {weight: 1.0}}}]"]) == 2  # fmt: skip
+    assert "nothing to label" in capsys.readouterr().err

@@ -269,6 +269,10 @@ def _dispatch_one(args) -> int:
             from .pipeline import label_recipe
 
             store = label_recipe(recipe, out, force=args.force)
+        elif fam == "text":
+            from .hf.text_pipeline import label_text_recipe
+
+            store = label_text_recipe(recipe, out, force=args.force)
         else:
             raise DKError(
                 f"dk label takes classify and causal_lm recipes; a {fam} recipe "

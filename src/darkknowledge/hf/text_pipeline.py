@@ -410,6 +410,28 @@ def _layer_map(loss: TextLoss, recipe: TextRecipe, n_teacher: int) -> dict[int, 
     return dict(lm)
 
 
+def label_text_recipe(recipe: TextRecipe, out: str | Path, force: bool = False):
+    """`dk label` on a text recipe: its teacher (fine-tuned first into ``out/teacher`` when
+    the recipe says so) over the students' training examples, into the store at ``out``
+    (logits and the pooled hidden states the variants' terms need). A text recipe reuses
+    it with ``signals_dir: OUT``."""
+    out = Path(out)
+    splits = _data(recipe)
+    teacher, tok, enc, _ = teacher_stage(recipe, out, splits, resume=True)
+    d = recipe.data
+    enc["student_train"] = enc["train"].subset(d.student_examples, d.student_examples_seed)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    store = signals_stage(recipe.model_copy(update={"signals_dir": out}), out, teacher, tok, enc,
+                          force=force)  # fmt: skip
+    if store is None:
+        raise DKError(
+            "dk label: no variant of this recipe reads stored signals (soft, cosine or "
+            "hint_mse with pool mean/cls); nothing to label"
+        )
+    return store
+
+
 def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
     """The teacher's logits (and pooled hidden states) on the training set, stored once."""
     from ..store import LabelSpec, label

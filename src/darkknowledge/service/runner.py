@@ -22,8 +22,7 @@ def plan_phases(recipe, data) -> list[dict]:
     """Each training phase of ``run_recipe``: folder (relative to the run dir), steps."""
 
     def steps(n: int, cfg) -> int:
-        total = math.ceil(n / cfg.batch_size) * cfg.epochs
-        return min(total, cfg.max_steps) if cfg.max_steps else total
+        return cfg.total_steps(math.ceil(n / cfg.batch_size))
 
     phases = []
     t = recipe.teacher
