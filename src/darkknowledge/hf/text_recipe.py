@@ -189,6 +189,14 @@ class TextRecipe(Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        t = data.get("teacher")
+        if isinstance(t, dict) and "kind" in t:
+            if t["kind"] != "model":
+                raise ValueError(
+                    f"teacher.kind {t['kind']!r}: the text family's teacher is a model "
+                    "(teacher.source) or its stored signals (signals_dir, written by dk label)"
+                )
+            data["teacher"] = {k: v for k, v in t.items() if k != "kind"}
         data["train"] = with_defaults(data.get("train"), TRAIN_DEFAULTS)
         t = data.get("teacher")
         if isinstance(t, dict) and t.get("finetune") is not None:
