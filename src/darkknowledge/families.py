@@ -82,18 +82,24 @@ def family_of(data: dict, source: str = "recipe") -> str:
     return name
 
 
-def validate_family(data: dict, base_dir: str | Path | None = None, source: str = "recipe"):
-    """Validate a recipe dict of any family. Returns (family name, recipe object)."""
+def validate_family(
+    data: dict, base_dir: str | Path | None = None, source: str = "recipe", resolve_path=None
+):
+    """Validate a recipe dict of any family. Returns (family name, recipe object).
+    ``resolve_path``: maps (or refuses) every path of the recipe (the job service)."""
     from .recipe_io import format_validation_error, validate_recipe
 
     name = family_of(data, source)
     body = {k: v for k, v in data.items() if k != "family"}
     if name == "classify":
-        return name, validate_recipe(body, base_dir=base_dir, source=source)
+        return name, validate_recipe(
+            body, base_dir=base_dir, source=source, resolve_path=resolve_path
+        )
     fam = FAMILIES[name]
     schema = _resolve(fam.schema, name, fam.extra)
     try:
-        return name, schema.model_validate(body, context={"base_dir": base_dir})
+        ctx = {"base_dir": base_dir, "resolve_path": resolve_path}
+        return name, schema.model_validate(body, context=ctx)
     except ValidationError as e:
         raise DKError(format_validation_error(e, body, source)) from None
 

@@ -9,9 +9,10 @@ ablations), each trained for every seed. Unknown keys are refused.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, model_validator
 
 from ..config import (
     EvalConfig,
@@ -70,8 +71,16 @@ TRAIN_DEFAULTS = {
 FINETUNE_DEFAULTS = {**TRAIN_DEFAULTS, "epochs": 2.0, "lr": 5.0e-5}
 
 
+def _source(v: str, info: ValidationInfo) -> str:
+    """A model folder named as the source goes through the service's path rules."""
+    resolve = (info.context or {}).get("resolve_path")
+    if resolve is None or v in TEACHER_SOURCES or v.startswith("tiny:"):
+        return v
+    return str(resolve(Path(v)))
+
+
 class TeacherConfig(Strict):
-    source: str  # minilm-l6 | a model folder | tiny:<name>
+    source: Annotated[str, AfterValidator(_source)]  # minilm-l6 | a model folder | tiny:<name>
     # a classifier folder to use as the fine-tuned teacher (skips fine-tuning)
     checkpoint: ExistingPath | None = None
     finetune: TrainConfig | None = None  # fine-tune the teacher on the task first

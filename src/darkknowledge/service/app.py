@@ -145,11 +145,12 @@ def get_artifact(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
          responses={**ERRORS, 409: {"model": Message},
                     200: {"content": {"application/zip": {}}}})  # fmt: skip
 def get_student(job: JobDep, settings: SettingsDep) -> Response:
-    """The trained student as a ZIP (``model.safetensors`` + ``model.json``): unzip it and
-    ``darkknowledge.load_model(folder)``."""
-    folder = jobs.run_dir(settings, job.id) / "student"
-    files = [folder / "model.safetensors", folder / "model.json"]
-    if not all(f.is_file() for f in files):
+    """The trained student as a ZIP: an image student's ``model.safetensors`` +
+    ``model.json`` (unzip, ``darkknowledge.load_model(folder)``), or a text / causal_lm
+    student's ``save_pretrained`` folder with its tokenizer (unzip,
+    ``AutoModelFor...from_pretrained(folder)``)."""
+    files = jobs.student_files(settings, job)
+    if not files:
         raise jobs.Conflict(f"job {job.id} has no trained student yet (state {job.state})")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:

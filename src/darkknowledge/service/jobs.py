@@ -18,9 +18,11 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ..errors import DKError
-from ..recipe_io import dump_recipe, validate_recipe
+from ..recipe_io import dump_recipe
 from .db import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Dataset, Job, Token
 from .settings import ServiceSettings
+
+TRAINING_FAMILIES = ("classify", "text", "causal_lm")  # the families a job may run
 
 DATASET_PREFIX = "dataset:"
 _DATASET_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -102,10 +104,19 @@ def validate_job_recipe(settings: ServiceSettings, db: Session, owner: Token, re
     """The resolved recipe (a plain dict), or a one-line DKError."""
     if not isinstance(recipe, dict):
         raise DKError("recipe: must be a mapping of sections (data:, student:, ...)")
-    r = validate_recipe(recipe, source="recipe", resolve_path=path_resolver(settings, db, owner))
     import yaml
 
-    return yaml.safe_load(dump_recipe(r))
+    from ..families import family_of, validate_family
+
+    fam = family_of(recipe, "recipe")
+    if fam not in TRAINING_FAMILIES:
+        raise DKError(
+            f"family: {fam!r} is not a training recipe; jobs take {', '.join(TRAINING_FAMILIES)}"
+        )
+    resolver = path_resolver(settings, db, owner)
+    name, r = validate_family(recipe, source="recipe", resolve_path=resolver)
+    resolved = yaml.safe_load(dump_recipe(r))
+    return resolved if name == "classify" else {"family": name, **resolved}
 
 
 def create_job(
@@ -237,6 +248,29 @@ def log_tail(settings: ServiceSettings, job: Job, max_bytes: int = 65536) -> str
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def student_files(settings: ServiceSettings, job: Job) -> list[Path]:
+    """The files of the job's trained student (empty until it is trained): the image
+    student's weights + description, or a transformers student's whole model folder
+    (the first variant and seed of a text run)."""
+    run = run_dir(settings, job.id)
+    fam = (job.resolved or {}).get("family", "classify")
+    if fam == "classify":
+        files = [run / "student" / "model.safetensors", run / "student" / "model.json"]
+        return files if all(f.is_file() for f in files) else []
+    if fam == "causal_lm":
+        folder = run / "student" / "model"
+        done = run / "student" / "result.json"
+    else:
+        r = job.resolved
+        v = r["variants"][0]
+        seed = (v.get("seeds") or r["seeds"])[0]
+        folder = run / "students" / v["name"] / f"seed{seed}" / "model"
+        done = folder.parent / "result.json"
+    if not done.is_file() or not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir() if f.is_file())
 
 
 def artifact_path(settings: ServiceSettings, job: Job, name: str) -> Path:

@@ -47,23 +47,56 @@ def plan_phases(recipe, data) -> list[dict]:
     return phases
 
 
+def plan_family_phases(name: str, recipe) -> list[dict]:
+    """The training phases of a text or causal_lm run (steps where the recipe fixes them)."""
+    phases = []
+    if name == "causal_lm":
+        t = recipe.teacher
+        if getattr(t, "train", None) is not None:
+            phases.append({"name": "teacher", "dir": "teacher", "total": t.train.steps})
+        phases.append({"name": "student", "dir": "student", "total": recipe.train.steps})
+        return phases
+    d = recipe.data
+    n = d.student_examples or d.train_subset
+
+    def total(cfg, n):
+        return cfg.total_steps(math.ceil(n / cfg.batch_size)) if n else cfg.steps
+
+    if recipe.teacher.finetune is not None and recipe.teacher.checkpoint is None:
+        ft = recipe.teacher.finetune
+        phases.append({"name": "teacher", "dir": "teacher", "total": total(ft, d.train_subset)})
+    for v in recipe.variants:
+        for s in v.seeds or recipe.seeds:
+            phases.append({"name": f"{v.name}/seed{s}", "dir": f"students/{v.name}/seed{s}",
+                           "total": total(recipe.train, n)})  # fmt: skip
+    return phases
+
+
+def _write_plan(job_dir: Path, phases: list[dict]) -> None:
+    tmp = job_dir / "plan.json.tmp"
+    tmp.write_text(json.dumps({"phases": phases}))
+    os.replace(tmp, job_dir / "plan.json")
+
+
 def run_job(job_dir: Path, resolved: dict, threads: int) -> int:
     """Run one job in this (child) process. Returns the exit status."""
     import torch
 
     from ..data import load_data
     from ..errors import DKError
+    from ..families import runner, validate_family
     from ..pipeline import run_recipe
-    from ..recipe_io import validate_recipe
 
     torch.set_num_threads(threads)
     try:
-        recipe = validate_recipe(resolved, source="job recipe")
+        name, recipe = validate_family(resolved, source="job recipe")
+        if name != "classify":  # text, causal_lm: the family's own dk run
+            _write_plan(job_dir, plan_family_phases(name, recipe))
+            text = runner(name)(recipe, job_dir / "run", resume=True)
+            print(f"done: {text.splitlines()[0] if text else name}", flush=True)
+            return 0
         data = load_data(recipe.data)
-        plan = {"phases": plan_phases(recipe, data)}
-        tmp = job_dir / "plan.json.tmp"
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, job_dir / "plan.json")
+        _write_plan(job_dir, plan_phases(recipe, data))
         res = run_recipe(recipe, job_dir / "run", resume=True)
         rows = {k: round(v["accuracy"], 4) for k, v in res.report["rows"].items()}
         print(f"done: test accuracy {rows}", flush=True)
