@@ -41,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("recipe")
     lb.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. label.k=16")
     lb.add_argument("--out", help="store folder (default: stores/<recipe name>)")
-    lb.add_argument("--force", action="store_true", help="relabel over an existing store")
+    lb.add_argument(
+        "--force",
+        action="store_true",
+        help="relabel over an existing store (its teacher retrained if the recipe changed)",
+    )
 
     ev = sub.add_parser(
         "eval", help="a language-model student: pass@1, maj@k, greedy accuracy, held-out loss"
@@ -63,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     si = st_sub.add_parser("info", help="manifest, examples, bytes, bytes per example/token")
     si.add_argument("path")
     si.add_argument("--json", action="store_true", help="print the facts as JSON")
+    si.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every shard's SHA-256 against the manifest (reads the whole store)",
+    )
     sa = st_sub.add_parser(
         "from-api",
         help="turn the top_logprobs that dk generate captured into a top-k + tail store",
@@ -303,7 +312,10 @@ def _dispatch_one(args) -> int:
             )
             print(format_info(store.info()))
             return 0
-        info = open_store(args.path).info()
+        store = open_store(args.path, preload_bytes=0, verify=False)  # headers only
+        info = store.info()
+        if args.verify:
+            info["verified_files"] = store.verify_all()
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
     if args.cmd == "report":

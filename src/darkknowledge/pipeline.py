@@ -390,7 +390,11 @@ def label_recipe(recipe: Recipe, out: str | Path, force: bool = False):
     """What `dk label` runs: the recipe's teacher over its transfer set, into store ``out``.
 
     Teachers without a checkpoint are trained first, into ``out/teacher``. Rerunning
-    after an interruption continues where it stopped (teacher training included)."""
+    after an interruption continues where it stopped (teacher training included), and
+    rerunning a finished store returns it; both only with the same recipe teacher and
+    data sections (kept in the manifest and in ``out/teacher``): a changed teacher is
+    refused with one line naming the first key that differs. ``force`` relabels, and
+    retrains the teacher in ``out/teacher`` unless its recipe is the same."""
     from .store import label
 
     tc = recipe.teacher
@@ -399,6 +403,8 @@ def label_recipe(recipe: Recipe, out: str | Path, force: bool = False):
     if tc.kind == "store":
         raise DKError("teacher.kind is store: that recipe already trains from a store")
     out = Path(out)
+    record = store_recipe_record(recipe)
+    dist.on_main(_prepare_label_folder, out, record, force)
     data = load_data(recipe.data)
     teacher = build_teacher(recipe, data, out, resume=True)
     spec = label_settings(recipe, data.train.num_classes)
@@ -410,7 +416,68 @@ def label_recipe(recipe: Recipe, out: str | Path, force: bool = False):
         spec,
         preprocessing=data_preprocessing(recipe),
         describe={"recipe": recipe.name, "data": data.description, "teacher": tc.kind},
+        recipe=record,
+        force=force,
     )
+
+
+TEACHER_RECIPE = "recipe.json"  # in STORE/teacher/: the recipe its networks are trained for
+
+
+def store_recipe_record(recipe: Recipe) -> dict:
+    """What a store made by `dk label` depends on in the recipe: its teacher and data
+    sections, resolved (defaults filled in, absolute paths)."""
+    dumped = recipe.model_dump(mode="json")
+    return {"teacher": dumped["teacher"], "data": dumped["data"]}
+
+
+def _prepare_label_folder(out: Path, record: dict, force: bool) -> None:
+    """Refuse to reuse ``out`` (its store or its trained teacher) for another recipe.
+
+    The recipe a store was labelled from is the manifest's ``recipe``; the one the
+    teacher in ``out/teacher`` was trained for is ``out/teacher/recipe.json`` (written
+    before it trains, so a kill during its training is covered too). With ``force`` a
+    teacher trained for another recipe (or for one not recorded) is deleted; the store
+    itself is replaced by the labeller."""
+    import shutil
+
+    from .engine.rundir import first_difference
+    from .store.format import MANIFEST, write_json
+    from .store.reader import read_manifest
+
+    teacher_dir, mine = out / "teacher", out / "teacher" / TEACHER_RECIPE
+    store_old = teacher_old = None  # None: nothing there; a str: there, no usable record
+    if (out / MANIFEST).exists() and not force:
+        store_old = read_manifest(out).get("recipe", "none")
+    if mine.exists():
+        try:
+            teacher_old = json.loads(mine.read_text())
+        except (OSError, ValueError):
+            teacher_old = "unreadable"
+    elif teacher_dir.exists():
+        teacher_old = "none"
+    if not force:
+        for old, source in ((store_old, "the store"), (teacher_old, "its trained teacher")):
+            if old is None or old == record:
+                continue
+            if not isinstance(old, dict):
+                raise DKError(
+                    f"{out}: {source} has no recipe record to compare with (made by an older "
+                    "darkknowledge, or not by `dk label`); use --force to relabel it or "
+                    "--out for a new store"
+                )
+            raise DKError(
+                f"{out}: {source} was made from a different recipe: "
+                f"{first_difference(old, record)} differs; use --force to relabel it "
+                "(retraining the teacher) or --out for a new store"
+            )
+    elif teacher_old is not None and teacher_old != record:
+        shutil.rmtree(teacher_dir)  # trained for another recipe: trained again
+    tc = record["teacher"]
+    members = [tc] if tc["kind"] == "module" else tc["members"]
+    if any(m.get("checkpoint") is None for m in members):  # a network trains in teacher/
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        write_json(mine, record)
 
 
 def open_store_teacher(recipe: Recipe, data: DataSplits) -> StoreTeacher:

@@ -3,6 +3,7 @@ training from a store, and one-line refusals."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,3 +123,55 @@ def test_label_train_from_store_and_refusals(tmp_path, capsys):
         assert main(argv + (elsewhere if argv[0] == "run" else [])) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1 and err.startswith("error: "), (argv, err)
+
+
+def test_label_into_a_store_of_another_teacher_or_data_is_refused(tmp_path, capsys):
+    """`dk label` reuses `teacher/` and a finished store only for the same recipe teacher
+    and data sections; anything else is refused naming the key (as `dk run --resume`)."""
+    recipe = {
+        "data": {"name": "digits"},
+        "teacher": {"kind": "module", "model": {"name": "mlp", "hidden": [16]},
+                    "train": {"max_steps": 3, "batch_size": 64}},
+        "student": {"model": {"name": "mlp", "hidden": [16]}},
+        "label": {"shard_size": 400},
+    }  # fmt: skip
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "store"
+    assert main(["label", str(lab), "--out", str(out)]) == 0
+    capsys.readouterr()
+    first = {p.name: p.read_bytes() for p in [out / "manifest.json", *(out / "shards").iterdir()]}
+    teacher_fp = json.loads((out / "manifest.json").read_text())["fingerprint"]["teacher"]
+
+    cases = [
+        (["teacher.seed=1"], "teacher.seed differs"),
+        (["teacher.train.max_steps=6"], "teacher.train.steps differs"),
+        (["teacher.train.epochs=2"], "teacher.train.epochs differs"),
+        (["teacher.model.hidden=[24]"], "teacher.model.hidden differs"),
+        (["data.split_seed=3"], "data.split_seed differs"),
+    ]
+    for over, msg in cases:
+        assert main(["label", str(lab), "--out", str(out), *over]) == 2, over
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "was made from a different recipe" in err, err
+        assert msg in err, (over, err)
+    # the same recipe: the finished store is returned as it is
+    assert main(["label", str(lab), "--out", str(out)]) == 0
+    again = {p.name: p.read_bytes() for p in [out / "manifest.json", *(out / "shards").iterdir()]}
+    assert again == first
+
+    # killed while the teacher trained (no manifest yet): its folder is not reused either
+    shutil.rmtree(out / "shards")
+    (out / "manifest.json").unlink()
+    assert main(["label", str(lab), "--out", str(out), "teacher.seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert "its trained teacher was made from a different recipe: teacher.seed differs" in err
+
+    # --force relabels with the new teacher, trained again
+    assert main(["label", str(lab), "--out", str(out), "teacher.seed=1", "--force"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["fingerprint"]["teacher"] != teacher_fp and m["recipe"]["teacher"]["seed"] == 1
+    assert main(["label", str(lab), "--out", str(out), "teacher.seed=1"]) == 0
+    capsys.readouterr()
+    assert main(["label", str(lab), "--out", str(out)]) == 2
+    assert "teacher.seed differs" in capsys.readouterr().err

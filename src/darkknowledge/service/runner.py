@@ -27,11 +27,12 @@ def plan_phases(recipe, data) -> list[dict]:
     phases = []
     t = recipe.teacher
     if t is not None:
-        members = (
-            [("teacher", t)]
-            if t.kind == "module"
-            else [(f"teacher/member_{i}", m) for i, m in enumerate(t.members)]
-        )
+        if t.kind == "store":  # signals read from a store: no teacher network trains
+            members = []
+        elif t.kind == "module":
+            members = [("teacher", t)]
+        else:
+            members = [(f"teacher/member_{i}", m) for i, m in enumerate(t.members)]
         for folder, m in members:
             if m.checkpoint is None:
                 cfg = m.train if m.seed is None else m.train.model_copy(update={"seed": m.seed})

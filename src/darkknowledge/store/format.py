@@ -20,13 +20,17 @@ holding ``ids (n,)`` int64 and the signal tensors for its ``n`` rows:
 Shards are read by memory-mapping the file at the offsets in its header (zero copy).
 A shard is written to a temporary name, fsynced, then renamed: after a crash a shard
 either exists whole or not at all, so rerunning the labeller only computes what is
-missing. ``manifest.json`` lists the shards and their SHA-256 once all are written.
+missing. ``manifest.json`` lists the shards and their SHA-256 once all are written;
+readers check it against one schema (:mod:`.manifest`), keep every file inside the store
+folder, and check each shard's SHA-256 before its signals are first used (once per
+process, :func:`verify_file`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -69,11 +73,45 @@ def shard_name(i: int) -> str:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed through one reused buffer (about 1 GB/s on one core)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+# Files whose SHA-256 this process has checked: (path, device, inode, size, mtime) → digest.
+# A file is hashed once per process however often a store is opened; a file replaced or
+# rewritten since (another inode, size or mtime) is hashed again.
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def remember_verified(path: Path, digest: str) -> None:
+    """Record that ``path`` (just written and hashed by this process) has ``digest``."""
+    _VERIFIED[_file_key(path)] = digest
+
+
+def verify_file(path: Path, sha256: str, what: str) -> None:
+    """Refuse (one line naming the file) unless ``path`` has the SHA-256 ``sha256``;
+    hashed at most once per process (see ``_VERIFIED``)."""
+    key = _file_key(path)
+    if _VERIFIED.get(key) == sha256:
+        return
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise DKError(
+            f"{path}: {what} is damaged or was altered: its SHA-256 is {digest[:16]}…, "
+            f"the manifest says {sha256[:16]}…; relabel the store (`dk label --force`)"
+        )
+    _VERIFIED[key] = digest
 
 
 def fsync_dir(path: Path) -> None:
@@ -115,36 +153,65 @@ def write_shard(path: Path, tensors: dict[str, Tensor]) -> None:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors header of ``path`` and the byte offset where its data begins."""
+    """The safetensors header of ``path`` and the byte offset where its data begins.
+
+    Every tensor entry is checked (known dtype, a shape of counts, offsets that hold
+    exactly that many bytes and lie inside the file): a damaged or hand-made header
+    gets one line naming the file and the tensor, never a traceback."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise DKError(f"{path}: truncated shard (no safetensors header)")
         n = int.from_bytes(raw, "little")
-        if n <= 0 or n > 100_000_000:
+        if n <= 0 or n > 100_000_000 or 8 + n > size:
             raise DKError(f"{path}: not a safetensors shard (bad header length)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise DKError(f"{path}: not a safetensors shard (unreadable header)") from None
-    return header, 8 + n
+    if not isinstance(header, dict):
+        raise DKError(f"{path}: not a safetensors shard (the header is not an object)")
+    start = 8 + n
+    for name, info in header.items():
+        if name != "__metadata__":
+            _check_entry(path, name, info, size - start)
+    return header, start
 
 
-def map_shard(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a shard (read-only, zero copy)."""
-    header, start = read_header(path)
-    size = path.stat().st_size
+def _check_entry(path: Path, name: str, info, room: int) -> None:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise DKError(f"{path}: tensor {name!r} has a malformed header entry")
+    dt = _ST_TO_NP.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dt is None:
+        raise DKError(f"{path}: tensor {name!r} has no dtype this reader knows")
+    shape, offs = info["shape"], info["data_offsets"]
+    if not (
+        isinstance(shape, list)
+        and all(type(d) is int and d >= 0 for d in shape)
+        and isinstance(offs, list)
+        and len(offs) == 2
+        and all(type(o) is int for o in offs)
+        and 0 <= offs[0] <= offs[1]
+    ):
+        raise DKError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+    if offs[1] - offs[0] != math.prod(shape) * np.dtype(dt).itemsize:
+        raise DKError(f"{path}: tensor {name!r}: its offsets do not hold its shape {shape}")
+    if offs[1] > room:
+        raise DKError(f"{path}: truncated shard (tensor {name!r} runs past the end)")
+
+
+def map_shard(path: Path, header: tuple[dict, int] | None = None) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a shard (read-only, zero copy); ``header``: the
+    result of :func:`read_header` when the caller already has it."""
+    header, start = header or read_header(path)
     out: dict[str, np.ndarray] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dt = _ST_TO_NP.get(info["dtype"])
-        if dt is None:
-            raise DKError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dt = _ST_TO_NP[info["dtype"]]
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        if start + end > size:
-            raise DKError(f"{path}: truncated shard (tensor {name} runs past the end)")
         if end == begin:
             out[name] = np.zeros(shape, dtype=dt)
         else:

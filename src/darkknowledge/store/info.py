@@ -30,6 +30,8 @@ def format_info(info: dict) -> str:
         f"size       {_size(info['bytes'])} in {info['shards']} shard(s), "
         f"{info[f'bytes_per_{per}']:.1f} bytes per {per}",
     ]
+    if "verified_files" in info:
+        lines.append(f"verified   SHA-256 of {info['verified_files']} file(s) as in the manifest")
     if info["hidden"]:
         lines.append("hidden     " + ", ".join(f"{k} {v}" for k, v in info["hidden"].items()))
     lines.append("fingerprint")

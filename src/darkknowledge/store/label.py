@@ -8,6 +8,7 @@ one written in a single run.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -34,11 +35,13 @@ from .format import (
     SHARDS,
     quantize_q8,
     read_header,
+    remember_verified,
     sha256_file,
     shard_name,
     write_json,
     write_shard,
 )
+from .manifest import parse_manifest
 from .reader import SignalStore, read_manifest
 
 
@@ -142,6 +145,7 @@ def label(
     preprocessing: dict | None = None,
     tokenizer: str | None = None,
     describe: dict | None = None,
+    recipe: dict | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> SignalStore:
@@ -151,6 +155,8 @@ def label(
     token ids with ``mask (N, T)`` of valid positions; the teacher returns ``(B, T, V)``.
     ``preprocessing`` (a JSON-able description) and ``tokenizer`` (a digest, e.g. from
     :func:`~darkknowledge.store.fingerprint.files_digest`) enter the fingerprint.
+    ``recipe`` (``dk label``: the recipe's teacher and data sections) is kept in the
+    manifest, so that a later ``dk label`` into the same folder can compare it.
     An interrupted call is continued by calling it again with the same arguments.
     """
     spec = spec or LabelSpec()
@@ -198,6 +204,8 @@ def label(
         "preprocessing": preprocessing or {},
         "describe": describe or {},
     }
+    if recipe is not None:
+        head["recipe"] = recipe
     shard_dir = out / SHARDS
     # process 0 checks and prepares the folder; under a launcher the others wait for it
     if dist.on_main(_prepare, out, head, layout, force):
@@ -275,7 +283,7 @@ def _prepare(out: Path, head: dict, layout: dict, force: bool) -> bool:
         (out / MANIFEST).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MANIFEST).exists():  # first, so shards never exist without a manifest
-        write_json(out / MANIFEST, {**head, "complete": False, "shards": []})
+        _write_manifest(out, {**head, "complete": False, "shards": []})
     shard_dir.mkdir(exist_ok=True)
     for tmp in [*shard_dir.glob("*.tmp"), *out.glob("*.tmp")]:  # being written at a kill
         tmp.unlink()
@@ -298,7 +306,7 @@ def _finish(
         f = shard_dir / shard_name(i)
         rows = min(spec.shard_size, n - i * spec.shard_size)
         shards.append(
-            {"file": f.name, "rows": rows, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            {"file": f.name, "rows": rows, "bytes": f.stat().st_size, "sha256": _hashed(f)}
         )
     prior = {}
     if spec.tail_prior:
@@ -308,9 +316,7 @@ def _finish(
         pri = (total / total.sum().clamp_min(1e-300)).clamp_min(1e-20)
         f = out / PRIOR
         write_shard(f, {"tail_log_prior": pri.log().to(torch.float16)})
-        prior = {
-            "tail_prior": {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        }
+        prior = {"tail_prior": {"file": f.name, "bytes": f.stat().st_size, "sha256": _hashed(f)}}
     if head_mod is not None:  # the output layer, once, in the store's dtype
         f = out / HEAD
         tensors = {"weight": head_mod.weight.detach().to(FLOAT_DTYPES[spec.dtype])}
@@ -323,14 +329,14 @@ def _finish(
             "shape": list(head_mod.weight.shape),
             "bias": head_mod.bias is not None,
             "bytes": f.stat().st_size,
-            "sha256": sha256_file(f),
+            "sha256": _hashed(f),
         }
     hidden_dims = {}
     if spec.hidden:
         header, _ = read_header(shard_dir / shard_name(0))
         hidden_dims = {h: header[f"hidden.{h}"]["shape"][1:] for h in spec.hidden}
-    write_json(
-        out / MANIFEST,
+    _write_manifest(
+        out,
         {
             **head,
             "complete": True,
@@ -343,6 +349,19 @@ def _finish(
     )
     for i in range(n_shards):  # folded into the prior; the finished store no longer needs them
         (shard_dir / tailsum_name(i)).unlink(missing_ok=True)
+
+
+def _hashed(f: Path) -> str:
+    """SHA-256 of a file this process just wrote; opening the store will not hash it again."""
+    digest = sha256_file(f)
+    remember_verified(f, digest)
+    return digest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    """Write a manifest after checking it against the schema every reader applies."""
+    parse_manifest(json.loads(json.dumps(manifest)), out / MANIFEST)  # as a reader sees it
+    write_json(out / MANIFEST, manifest)
 
 
 def _shard_ok(path: Path) -> bool:

@@ -12,39 +12,59 @@ from torch import Tensor
 from ..errors import DKError
 from ..signals import Signals
 from . import fingerprint as fp
-from .format import FORMAT, MANIFEST, SHARDS, dequantize_q8, map_shard, to_torch
+from .format import MANIFEST, dequantize_q8, map_shard, read_header, to_torch, verify_file
+from .manifest import (
+    Manifest,
+    check_shard,
+    check_side_file,
+    parse_manifest,
+    shard_path,
+    store_file,
+)
 
 PRELOAD_BYTES = 1 << 30  # stores up to this size are copied into RAM once at open
+_FLOATS = ("F32", "F16", "BF16")
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The manifest of the store ``path``, checked against the schema (one-line DKError)."""
+    return load_manifest(path)[0]
+
+
+def load_manifest(path: str | Path) -> tuple[dict, Manifest]:
+    """The manifest as read (a dict) and as validated (a :class:`Manifest`)."""
     path = Path(path)
-    m = path / MANIFEST
     if not path.is_dir():
         raise DKError(f"{path}: no such store folder (make one with `dk label RECIPE.yaml`)")
-    if not m.exists():
+    if not (path / MANIFEST).exists():
         raise DKError(f"{path}: not a signal store (no {MANIFEST}); make one with `dk label`")
+    m = store_file(path, MANIFEST, MANIFEST)
     try:
-        manifest = json.loads(m.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = json.loads(m.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise DKError(f"{m}: not valid JSON; relabel the store with `dk label --force`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DKError(f"{m}: not a {FORMAT} manifest")
-    return manifest
+    return manifest, parse_manifest(manifest, m)
 
 
 class SignalStore:
     """A finished store, opened for lookups by example id.
 
-    Shards are memory-mapped; a store no larger than ``preload_bytes`` is also copied
-    into RAM once, so each lookup is one gather (what keeps KD from a store as cheap
-    as plain training).
+    Opening reads the manifest (checked against the schema) and every shard's header
+    (checked against the manifest), never the signals. Shards are memory-mapped; a store
+    no larger than ``preload_bytes`` is also copied into RAM once, so each lookup is one
+    gather (what keeps KD from a store as cheap as plain training).
+
+    ``verify`` (the default): each shard's SHA-256 is checked against the manifest before
+    its signals are first used, once per process: at open for a preloaded store, at the
+    first lookup that reaches it otherwise; a damaged shard stops with one line naming
+    it. ``verify=False`` (``dk store info``) hashes nothing; :meth:`verify_all` then
+    checks every file at once.
     """
 
-    def __init__(self, path: str | Path, preload_bytes: int = PRELOAD_BYTES):
+    def __init__(self, path: str | Path, preload_bytes: int = PRELOAD_BYTES, verify: bool = True):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        if not self.manifest.get("complete"):
+        self.manifest, spec = load_manifest(self.path)
+        if not spec.complete:
             raise DKError(
                 f"{self.path}: the store is unfinished (labelling was interrupted); "
                 "rerun the same `dk label` command to finish it"
@@ -58,16 +78,21 @@ class SignalStore:
         self.dtype: str = m["dtype"]
         self.temperature: float = m["temperature"]
         self.shard_size: int = m["shard_size"]
+        self._verify = verify
+        self._verified: set[int] = set()  # shards checked by this store
+        self._files: list[Path] = []
         self._maps = []
-        for s in m["shards"]:
-            f = self.path / SHARDS / s["file"]
+        seq_len = None  # a sequence store's T, the same in every shard
+        for s in spec.shards:
+            f = shard_path(self.path, s.file)
             if not f.exists():
                 raise DKError(f"{f}: shard listed in the manifest is missing; relabel the store")
-            if f.stat().st_size != s["bytes"]:
-                raise DKError(
-                    f"{f}: shard has {f.stat().st_size} bytes, manifest says {s['bytes']}"
-                )
-            self._maps.append(map_shard(f))
+            if f.stat().st_size != s.bytes:
+                raise DKError(f"{f}: shard has {f.stat().st_size} bytes, manifest says {s.bytes}")
+            header = read_header(f)
+            seq_len = check_shard(header[0], spec, s.rows, f, seq_len)
+            self._files.append(f)
+            self._maps.append(map_shard(f, header))
         self.fields = sorted(k for k in (self._maps[0] if self._maps else {}) if k != "ids")
         ids = [to_torch(mp["ids"]) for mp in self._maps]
         self.ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)  # (N,)
@@ -76,26 +101,66 @@ class SignalStore:
                 f"{self.path}: shards hold {len(self.ids)} rows, manifest says {m['num_examples']}"
             )
         self._sorted, self._order = torch.sort(self.ids)
+        twice = (self._sorted[1:] == self._sorted[:-1]).nonzero()
+        if len(twice):
+            raise DKError(
+                f"{self.path}: example id {int(self._sorted[int(twice[0])])} is in the store "
+                "twice; the store is damaged, relabel it"
+            )
+        if seq_len is not None and spec.num_positions > len(self.ids) * seq_len:
+            raise DKError(
+                f"{self.path}: num_positions {spec.num_positions} is more than the "
+                f"{len(self.ids)}×{seq_len} positions the shards hold"
+            )
+        self._side: list[tuple[Path, str, str]] = []  # (file, sha256, what): read at open
         self.tail_log_prior: Tensor | None = None
-        if m.get("tail_prior"):
-            f = self.path / m["tail_prior"]["file"]
-            if not f.exists() or f.stat().st_size != m["tail_prior"]["bytes"]:
-                raise DKError(f"{f}: the store's tail prior is missing or damaged; relabel it")
-            self.tail_log_prior = to_torch(map_shard(f)["tail_log_prior"]).float()  # (V,)
+        if spec.tail_prior is not None:
+            t = self._side_file(spec.tail_prior, "tail prior",
+                                {"tail_log_prior": (_FLOATS, (self.vocab,))})  # fmt: skip
+            self.tail_log_prior = to_torch(t["tail_log_prior"]).float()  # (V,)
         self.head_weight: Tensor | None = None  # signal='head': (V, H), and bias (V,)
         self.head_bias: Tensor | None = None
-        if self.signal == "head":
-            f = self.path / m["head"]["file"]
-            if not f.exists() or f.stat().st_size != m["head"]["bytes"]:
-                raise DKError(f"{f}: the store's output layer is missing or damaged; relabel it")
-            t = map_shard(f)
+        if spec.head is not None:
+            want = {"weight": (_FLOATS, tuple(spec.head.shape))}
+            if spec.head.bias:
+                want["bias"] = (_FLOATS, (self.vocab,))
+            t = self._side_file(spec.head, "output layer", want)
             self.head_weight = to_torch(t["weight"]).float()
             self.head_bias = to_torch(t["bias"]).float() if "bias" in t else None
         self._tables: dict[str, Tensor] | None = None
         if self.nbytes <= preload_bytes:
+            if verify:  # every shard is read now: each is checked first
+                for i in range(len(self._maps)):
+                    self._check(i)
             self._tables = {
                 f: torch.cat([to_torch(mp[f]) for mp in self._maps]) for f in self.fields
             }
+
+    def _side_file(self, entry, what: str, want: dict) -> dict:
+        """The tail prior or the output layer: checked, hashed (with ``verify``), mapped."""
+        f = store_file(self.path, entry.file, f"the store's {what}")
+        if not f.exists() or f.stat().st_size != entry.bytes:
+            raise DKError(f"{f}: the store's {what} is missing or damaged; relabel it")
+        header = read_header(f)
+        check_side_file(header[0], want, f)
+        self._side.append((f, entry.sha256, f"the store's {what}"))
+        if self._verify:
+            verify_file(f, entry.sha256, f"the store's {what}")
+        return map_shard(f, header)
+
+    def _check(self, i: int) -> None:
+        """Shard ``i``'s SHA-256 against the manifest, once (per process: ``verify_file``)."""
+        if i not in self._verified:
+            verify_file(self._files[i], self.manifest["shards"][i]["sha256"], "shard")
+            self._verified.add(i)
+
+    def verify_all(self) -> int:
+        """Check the SHA-256 of every shard and side file now; the number of files."""
+        for i in range(len(self._maps)):
+            self._check(i)
+        for f, sha, what in self._side:
+            verify_file(f, sha, what)
+        return len(self._maps) + len(self._side)
 
     # ------------------------------------------------------------ facts
 
@@ -134,6 +199,8 @@ class SignalStore:
         shard, local = rows // self.shard_size, rows % self.shard_size
         out = None
         for s in torch.unique(shard).tolist():
+            if self._verify and s not in self._verified:
+                self._check(s)  # first use of this shard: its SHA-256, once
             sel = (shard == s).nonzero().squeeze(1)
             loc, perm = torch.sort(local[sel])  # sequential reads from the memmap
             part = to_torch(self._maps[s][field][loc.numpy()])
@@ -191,5 +258,7 @@ class SignalStore:
         }
 
 
-def open_store(path: str | Path, preload_bytes: int = PRELOAD_BYTES) -> SignalStore:
-    return SignalStore(path, preload_bytes)
+def open_store(
+    path: str | Path, preload_bytes: int = PRELOAD_BYTES, verify: bool = True
+) -> SignalStore:
+    return SignalStore(path, preload_bytes, verify)
