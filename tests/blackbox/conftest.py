@@ -1,11 +1,16 @@
 """Real loopback servers for the black-box tests: the scripted fault server runs in its
-own process (so it can be killed for real), counting what it answers in a log file."""
+own process (so it can be killed for real), counting what it answers in a log file; a
+tiny char-level causal LM served by ``dk serve-teacher``'s app (uvicorn in a thread)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,3 +86,55 @@ def recipe_dict(prompts: Path, urls: list[str], **over) -> dict:
     for k, v in over.items():
         r.setdefault(k, {}).update(v) if isinstance(v, dict) else r.__setitem__(k, v)
     return r
+
+
+def tiny_teacher(d: Path, n_positions: int = 1024) -> Path:
+    """A randomly initialised one-layer GPT-2 over the characters of the synthetic
+    problems, saved (config, weights, tokenizer) in ``d``."""
+    from darkknowledge.blackbox.synthetic import problems, prompt_of
+    from darkknowledge.hf.io import build_tiny, char_tokenizer, save_pretrained
+
+    rows = problems(50, 0)
+    tok = char_tokenizer(
+        "".join(prompt_of(r["question"]) + r["answer"] for r in rows) + "0123456789"
+    )
+    model = build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=0, vocab_size=len(tok),
+                       n_embd=32, n_positions=n_positions, n_layer=1, n_head=2)  # fmt: skip
+    save_pretrained(model, d, tok)
+    return d
+
+
+@contextmanager
+def serving(model_dir: Path, name: str = "tiny", max_top_logprobs: int = 5):
+    """``dk serve-teacher``'s app on a free loopback port: (base URL, Generator)."""
+    import uvicorn
+
+    from darkknowledge.blackbox.serve import create_app, load_generator
+
+    gen = load_generator(model_dir)
+    app = create_app(gen, name, max_top_logprobs=max_top_logprobs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1", gen
+    finally:
+        server.should_exit = True
+        t.join(5)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    return tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def served(teacher_dir):
+    """The tiny teacher served as ``tiny`` (top_logprobs capped at 5)."""
+    with serving(teacher_dir) as s:
+        yield s

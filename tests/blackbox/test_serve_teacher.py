@@ -1,21 +1,19 @@
-"""dk serve-teacher over real HTTP (uvicorn on loopback), and dk generate against it."""
+"""dk serve-teacher over real HTTP (uvicorn on loopback), and dk generate against it.
+The served tiny model comes from conftest.py (``served``); test_serve_openai.py drives
+the same server with the official openai client."""
 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx as _httpx
 import pytest
 import yaml
 
-from darkknowledge.blackbox.serve import Generator, create_app, load_generator
-from darkknowledge.blackbox.synthetic import problems, prompt_of
+from darkknowledge.blackbox.serve import Generator
+from darkknowledge.blackbox.synthetic import problems
 from darkknowledge.cli import main
-from darkknowledge.hf.io import build_tiny, char_tokenizer, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,46 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 class httpx:  # a patient client: the CPU is shared
     get = staticmethod(lambda *a, **k: _httpx.get(*a, timeout=60, **k))
     post = staticmethod(lambda *a, **k: _httpx.post(*a, timeout=60, **k))
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    rows = problems(50, 0)
-    tok = char_tokenizer(
-        "".join(prompt_of(r["question"]) + r["answer"] for r in rows) + "0123456789"
-    )
-    model = build_tiny(
-        "tiny-gpt2",
-        "AutoModelForCausalLM",
-        seed=0,
-        vocab_size=len(tok),
-        n_embd=32,
-        n_positions=1024,
-        n_layer=1,
-        n_head=2,
-    )
-    save_pretrained(model, d, tok)
-    return d
-
-
-@pytest.fixture(scope="module")
-def served(teacher_dir):
-    import uvicorn
-
-    gen = load_generator(teacher_dir)
-    app = create_app(gen, "tiny", max_top_logprobs=5)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1", gen
-    server.should_exit = True
-    t.join(5)
 
 
 def test_endpoints(served):

@@ -1,20 +1,55 @@
 """``dk serve-teacher MODEL_DIR``: a local transformers causal LM behind an
-OpenAI-compatible API (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``).
+OpenAI-compatible API, for the official ``openai`` client and anything that speaks it.
 
-Sampling: ``n``, ``temperature`` (0 = greedy), ``top_p``, ``max_tokens``, ``seed``,
-``stop``. Log-probabilities (``logprobs``/``top_logprobs``) are the model's own
-(temperature 1, before top-p), capped at ``max_top_logprobs`` like hosted APIs (a request
-above the cap gets a 400). Requests are served one at a time (the model is not
-thread-safe); the ``n`` samples of one request are generated as one batch.
+Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
+``POST /v1/chat/completions``.
+
+- Sampling: ``n``, ``temperature`` (0 = greedy), ``top_p``, ``max_tokens`` (chat: also
+  ``max_completion_tokens``; default 256, completions 16; both clamped to the context),
+  ``seed``, ``stop``. ``best_of`` only as 1 or ``n`` (every sample drawn is returned).
+- ``stream: true``: server-sent events (``data: {chunk}``, then ``data: [DONE]``), with
+  log-probs in the chunks and ``stream_options.include_usage`` (a last chunk with the
+  usage). The text (and log-probs) assembled from the chunks are those of the same request
+  unstreamed.
+- Log-probabilities are the model's own (temperature 1, before top-p): chat
+  ``logprobs``/``top_logprobs``, completions ``logprobs`` (the legacy shape), capped at
+  ``max_top_logprobs`` like hosted APIs (a request above the cap gets a 400).
+- Completions ``echo`` (as vLLM offers it): the prompt comes back before the completion,
+  and with ``logprobs`` its tokens are scored too (the first token's log-prob is null);
+  ``max_tokens: 0`` scores a given text without generating. ``prompt`` may be a text,
+  a list of texts, token ids, or lists of token ids (choice ``i*n + j`` is sample ``j`` of
+  prompt ``i``).
+- Chat ``content`` is a string or a list of ``text`` parts (joined by newlines).
+- Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for
+  a malformed body and for each field the server would otherwise have to ignore
+  (``logit_bias``, penalties, tools, ``response_format`` other than text, unknown fields:
+  see :mod:`.openai_api`), 404 for an unknown model.
+
+Requests are served one at a time (the model is not thread-safe); the ``n`` samples of one
+prompt are generated as one batch (see :mod:`.sampler`).
 """
 
-import threading
+import json
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 from ..errors import DKError
+from .openai_api import (
+    ApiError,
+    chat_messages,
+    error_body,
+    loc_name,
+    refuse_fields,
+    request_models,
+)
+from .sampler import Generator, Piece, Token, collect
+
+__all__ = ["Generator", "create_app", "load_generator", "serve_teacher"]
+
+CHAT_MAX_TOKENS = 256  # chat's default max_tokens
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
 def _require_service():
@@ -27,115 +62,69 @@ def _require_service():
         ) from None
 
 
-class Generator:
-    """Sampling and log-probs for one causal LM + tokenizer."""
+def _chat_lp(t: Token) -> dict:
+    return {
+        "token": t.text,
+        "logprob": t.logprob,
+        "bytes": list(t.text.encode()),
+        "top_logprobs": [
+            {"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in t.top or []
+        ],
+    }
 
-    def __init__(self, model, tokenizer, max_batch: int = 64):
-        import torch
 
-        self.torch = torch
-        self.model = model.eval()
-        self.tok = tokenizer
-        self.max_batch = max_batch
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        cfg = model.config
-        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(
-            cfg, "n_positions", 2048
-        )
-        self.lock = threading.Lock()
+def _top_dict(top: list[tuple[str, float]] | None) -> dict | None:
+    if top is None:
+        return None
+    d: dict[str, float] = {}
+    for a, v in top:  # two ids that decode alike: the more probable one
+        d.setdefault(a, v)
+    return d
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-        # no template (e.g. a model this tool trained on plain text): the contents in order
-        return "\n".join(m.get("content") or "" for m in messages)
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        n: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_tokens: int = 16,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        top_logprobs: int | None = None,
-    ) -> tuple[list[dict], int]:
-        """``n`` samples → ([{text, finish_reason, tokens: [(str, logprob, {str: lp})]}],
-        prompt token count). ``top_logprobs=None``: no log-probs."""
-        torch = self.torch
-        ids = self.tok(prompt, add_special_tokens=False)["input_ids"] or [self.eos]
-        if len(ids) >= self.context:
-            raise ValueError(
-                f"the prompt is {len(ids)} tokens; the model's context is {self.context}"
-            )
-        max_new = max(1, min(max_tokens, self.context - len(ids)))
-        out: list[dict] = []
-        with self.lock, torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(seed)
-            done = 0
-            while done < n:
-                k = min(self.max_batch, n - done)
-                x = torch.tensor([ids] * k)  # (k, T)
-                kw: dict[str, Any] = dict(
-                    max_new_tokens=max_new,
-                    pad_token_id=self.pad,
-                    eos_token_id=self.eos,
-                    return_dict_in_generate=True,
-                    output_logits=top_logprobs is not None,
-                )
-                if temperature > 0:
-                    kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-                else:
-                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                g = self.model.generate(x, attention_mask=torch.ones_like(x), **kw)
-                new = g.sequences[:, len(ids) :]  # (k, S)
-                lps = None
-                if top_logprobs is not None:
-                    lps = torch.log_softmax(torch.stack(g.logits, 1).float(), -1)  # (k, S, V)
-                for j in range(k):
-                    out.append(
-                        self._one(new[j], None if lps is None else lps[j], top_logprobs, stop)
-                    )
-                done += k
-        return out, len(ids)
+def _legacy_lp(tokens: list[Token]) -> dict:
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [_top_dict(t.top) for t in tokens],
+        "text_offset": [t.offset for t in tokens],
+    }
 
-    def _one(self, new, lp, top: int | None, stop: list[str] | None) -> dict:
-        toks = new.tolist()
-        finish = "length"
-        if self.eos in toks:
-            toks = toks[: toks.index(self.eos)]
-            finish = "stop"
-        pieces = [self.tok.decode([t]) for t in toks]
-        text = self.tok.decode(toks)
-        if stop:
-            cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                # keep the tokens that start before the cut
-                keep, pos = 0, 0
-                for p in pieces:
-                    if pos >= cut:
-                        break
-                    pos += len(p)
-                    keep += 1
-                toks, pieces = toks[:keep], pieces[:keep]
-        tokens = []
-        if lp is not None:
-            for i, (t, p) in enumerate(zip(toks, pieces, strict=True)):
-                row = lp[i]  # (V,)
-                alts = {}
-                if top:
-                    v, ix = row.topk(top)
-                    for vv, ii in zip(v.tolist(), ix.tolist(), strict=True):
-                        alts.setdefault(self.tok.decode([ii]), vv)
-                tokens.append((p, float(row[t]), alts, t))
-        return {"text": text, "finish_reason": finish, "tokens": tokens, "n_tokens": len(toks)}
+
+def _usage(n_prompt: int, n_out: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+            "total_tokens": n_prompt + n_out}  # fmt: skip
+
+
+def _sse(chunks):
+    """A streamed answer: each chunk (from a sync iterator, advanced in a worker thread)
+    as ``data: {json}``, then ``data: [DONE]``; an error midway ends the stream with an
+    ``{"error": ...}`` event (the openai client raises it). If the client goes away,
+    the iterator is closed, which stops the generation and frees the model."""
+    import anyio
+    from fastapi.responses import StreamingResponse
+
+    end = object()
+
+    async def body():
+        try:
+            while True:
+                item = await anyio.to_thread.run_sync(next, chunks, end)
+                if item is end:
+                    break
+                yield f"data: {json.dumps(item)}\n\n"
+        except Exception as e:  # the status line is sent: report in the stream
+            yield f"data: {json.dumps(error_body(f'{type(e).__name__}: {e}', 'server_error'))}\n\n"
+            return
+        finally:
+            chunks.close()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
@@ -143,156 +132,228 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
 
-    class _Req(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        model: str | None = None
-        n: int = Field(1, ge=1, le=256)
-        temperature: float = Field(1.0, ge=0.0, le=2.0)
-        top_p: float = Field(1.0, gt=0.0, le=1.0)
-        seed: int | None = None
-        stop: str | list[str] | None = None
-
-    class ChatReq(_Req):
-        messages: list[dict]
-        max_tokens: int | None = Field(None, ge=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
-        logprobs: bool = False
-        top_logprobs: int | None = Field(None, ge=0)
-
-    class CompletionReq(_Req):
-        prompt: str
-        max_tokens: int = Field(16, ge=1)
-        logprobs: int | None = Field(None, ge=0)
-
+    created = int(time.time())
+    ChatRequest, CompletionRequest = request_models(gen.vocab, max_top_logprobs)
     app = FastAPI(title="darkknowledge teacher", version="1")
 
-    def err(code: int, msg: str, typ: str = "invalid_request_error"):
-        return JSONResponse({"error": {"message": msg, "type": typ}}, status_code=code)
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def _bad(_req: Request, e: RequestValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "body"
-        return err(400, f"{where}: {first.get('msg')}")
+        msgs, param = [], None
+        seen = set()
+        for er in e.errors():
+            loc = tuple(er.get("loc", ()))
+            name = loc_name(loc[1:] if loc[:1] == ("body",) else loc) or "body"
+            if name in seen:  # another branch of a union: the first says enough
+                continue
+            seen.add(name)
+            if er.get("type") == "json_invalid":
+                name = "body"
+                msg = f"not valid JSON ({(er.get('ctx') or {}).get('error', er.get('msg'))})"
+            else:
+                msg = er.get("msg", "invalid")
+                param = param or (name if name != "body" else None)
+            msgs.append(f"{name}: {msg}")
+        more = f" (and {len(msgs) - 3} more)" if len(msgs) > 3 else ""
+        return JSONResponse(error_body("; ".join(msgs[:3]) + more, param=param), 400)
 
-    def check(req) -> list[str] | None:
-        if req.model not in (None, model_name):
-            raise LookupError(f"model {req.model!r} is not served here (this is {model_name!r})")
-        return [req.stop] if isinstance(req.stop, str) else req.stop
+    @app.exception_handler(HTTPException)
+    async def _http(_req: Request, e: HTTPException):
+        return JSONResponse(error_body(str(e.detail)), status_code=e.status_code, headers=e.headers)
 
-    def top_cap(k: int | None) -> None:
-        if k is not None and k > max_top_logprobs:
-            raise ValueError(f"top_logprobs={k} is above this server's cap of {max_top_logprobs}")
+    @app.exception_handler(Exception)
+    async def _crash(_req: Request, e: Exception):
+        return JSONResponse(error_body(f"{type(e).__name__}: {e}", "server_error"), 500)
 
-    def envelope(kind: str, choices: list, n_prompt: int, outs: list[dict]) -> dict:
-        return {
-            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:16]}",
-            "object": kind,
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": n_prompt,
-                "completion_tokens": sum(o["n_tokens"] for o in outs),
-                "total_tokens": n_prompt + sum(o["n_tokens"] for o in outs),
-            },
-        }
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "darkknowledge"}
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, model_name):
+            raise ApiError(
+                404,
+                f"The model {name!r} does not exist (this server serves {model_name!r})",
+                "model",
+                "model_not_found",
+            )
 
     @app.get("/v1/models")
     def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "owned_by": "local"}],
-        }
+        return {"object": "list", "data": [card]}
 
-    class Refused(Exception):
-        """A request the server answers with an OpenAI-style error body."""
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        check_model(model_id)
+        return card
 
-        def __init__(self, code: int, msg: str, typ: str = "invalid_request_error"):
-            super().__init__(msg)
-            self.code, self.typ = code, typ
-
-    @app.exception_handler(Refused)
-    async def _refused(_req: Request, e: Refused):
-        return err(e.code, str(e), e.typ)
-
-    def run(req, prompt_of, max_tokens: int, top: int | None) -> tuple[list[dict], int]:
-        """Check the request and generate: (outs, prompt tokens); Refused otherwise."""
-        try:
-            stop = check(req)
-            top_cap(top)
-            return gen.generate(
-                prompt_of(),
-                n=req.n,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                max_tokens=max_tokens,
-                seed=req.seed,
-                stop=stop,
-                top_logprobs=top,
+    def check_common(req, top: int | None, top_field: str) -> None:
+        refuse_fields(req.model_extra or {})
+        check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true",
+                           "stream_options")  # fmt: skip
+        if top is not None and top > max_top_logprobs:
+            raise ApiError(
+                400,
+                f"{top_field}={top} is above this server's cap of {max_top_logprobs}",
+                top_field,
+                "invalid_value",
             )
-        except LookupError as e:
-            raise Refused(404, str(e), "model_not_found") from None
+
+    def prompt_ids(ids: list[int], field: str) -> list[int]:
+        try:
+            return gen.check_prompt(ids)
         except ValueError as e:
-            raise Refused(400, str(e)) from None
+            code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
+            raise ApiError(400, f"{field}: {e}", field, code) from None
+
+    def sampling(req, n: int, max_tokens: int, top: int | None) -> dict:
+        return dict(
+            n=n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            max_tokens=max_tokens,
+            seed=req.seed,
+            stop=req.stops(),
+            top_logprobs=top,
+        )
+
+    def head(kind: str) -> dict:
+        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": model_name}  # fmt: skip
 
     @app.post("/v1/chat/completions")
-    def chat(req: ChatReq):
+    def chat(req: ChatRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens or req.max_tokens or 256
-        outs, n_prompt = run(req, lambda: gen.chat_prompt(req.messages), max_tokens, top)
+        check_common(req, top, "top_logprobs")
+        msgs = chat_messages(req.messages)
+        try:
+            text = gen.chat_prompt(msgs)
+        except Exception as e:  # the template's own checks (role order, ...)
+            raise ApiError(400, f"messages: the chat template refused them: {e}",
+                           "messages") from None  # fmt: skip
+        ids = prompt_ids(gen.encode(text), "messages")
+        n = req.n or 1
+        max_tokens = req.max_completion_tokens or req.max_tokens or CHAT_MAX_TOKENS
+        kw = sampling(req, n, max_tokens, top)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(chat_chunks(head("chat.completion.chunk"), ids, kw, usage))
+        samples = collect(gen.pieces(ids, **kw), n)
         choices = []
-        for i, o in enumerate(outs):
-            c = {
-                "index": i,
-                "message": {"role": "assistant", "content": o["text"]},
-                "finish_reason": o["finish_reason"],
-                "logprobs": None,
-            }
+        for i, s in enumerate(samples):
+            lp = None
             if top is not None:
-                c["logprobs"] = {
-                    "content": [
-                        {
-                            "token": p,
-                            "logprob": lp,
-                            "bytes": list(p.encode()),
-                            "top_logprobs": [
-                                {"token": a, "logprob": v, "bytes": list(a.encode())}
-                                for a, v in alts.items()
-                            ],
-                        }
-                        for p, lp, alts, _ in o["tokens"]
-                    ]
-                }
-            choices.append(c)
-        return envelope("chat.completion", choices, n_prompt, outs)
+                lp = {"content": [_chat_lp(t) for t in s.tokens], "refusal": None}
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": s.text, "refusal": None},
+                "logprobs": lp,
+                "finish_reason": s.finish,
+            })  # fmt: skip
+        n_out = sum(s.n_tokens for s in samples)
+        return head("chat.completion") | {"choices": choices, "usage": _usage(len(ids), n_out)}
+
+    def chat_chunks(h: dict, ids: list[int], kw: dict, usage: bool):
+        extra = {"usage": None} if usage else {}
+        n_out = 0
+
+        def chunk(i, delta, lp=None, finish=None):
+            return h | {"choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                     "finish_reason": finish}]} | extra  # fmt: skip
+
+        for i in range(kw["n"]):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        with closing(gen.pieces(ids, **kw)) as pieces:
+            for p in pieces:
+                if p.text or p.tokens:
+                    lp = None
+                    if kw["top_logprobs"] is not None and p.tokens:
+                        lp = {"content": [_chat_lp(t) for t in p.tokens], "refusal": None}
+                    yield chunk(p.index, {"content": p.text}, lp)
+                if p.finish:
+                    n_out += p.n_tokens
+                    yield chunk(p.index, {}, finish=p.finish)
+        if usage:
+            yield h | {"choices": [], "usage": _usage(len(ids), n_out)}
 
     @app.post("/v1/completions")
-    def completions(req: CompletionReq):
-        outs, n_prompt = run(req, lambda: req.prompt, req.max_tokens, req.logprobs)
-        choices = []
-        for i, o in enumerate(outs):
-            c = {
+    def completions(req: CompletionRequest):
+        n = req.n or 1
+        top = req.logprobs
+        check_common(req, top, "logprobs")
+        if req.best_of not in (None, 1, n):
+            raise ApiError(
+                400,
+                f"best_of={req.best_of} with n={n} is not supported: this server returns "
+                "every sample it draws (best_of must be 1 or n)",
+                "best_of",
+                "unsupported_value",
+            )
+        p = req.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            p = [p]
+        prompts = []  # (text, ids fed to the model, echo the prompt's tokens?)
+        for x in p:
+            ids = gen.encode(x) if isinstance(x, str) else list(x)
+            feed = prompt_ids(ids, "prompt")  # checked before token ids are decoded
+            prompts.append((x if isinstance(x, str) else gen.decode(ids), feed, bool(ids)))
+        max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        kw = sampling(req, n, max_tokens, top)
+        echo = bool(req.echo)
+        n_prompt = sum(len(ids) for _, ids, _ in prompts)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(completion_chunks(head("text_completion"), prompts, kw, echo, usage,
+                                          n_prompt))  # fmt: skip
+        with closing(completion_pieces(prompts, kw, echo)) as pieces:
+            samples = collect(pieces, n * len(prompts))
+        choices = [
+            {
                 "index": i,
-                "text": o["text"],
-                "finish_reason": o["finish_reason"],
-                "logprobs": None,
+                "text": s.text,
+                "logprobs": None if top is None else _legacy_lp(s.tokens),
+                "finish_reason": s.finish,
             }
-            if req.logprobs is not None:
-                offs, pos = [], len(req.prompt)
-                for p, *_ in o["tokens"]:
-                    offs.append(pos)
-                    pos += len(p)
-                c["logprobs"] = {
-                    "tokens": [p for p, *_ in o["tokens"]],
-                    "token_logprobs": [lp for _, lp, *_ in o["tokens"]],
-                    "top_logprobs": [alts for _, _, alts, _ in o["tokens"]],
-                    "text_offset": offs,
-                }
-            choices.append(c)
-        return envelope("text_completion", choices, n_prompt, outs)
+            for i, s in enumerate(samples)
+        ]
+        n_out = sum(s.n_tokens for s in samples)
+        return head("text_completion") | {"choices": choices, "usage": _usage(n_prompt, n_out)}
+
+    def completion_pieces(prompts, kw: dict, echo: bool):
+        """The pieces of every choice: prompt ``i``'s samples are choices ``i*n ..``;
+        with ``echo`` each starts with the prompt (and its scored tokens)."""
+        n, top = kw["n"], kw["top_logprobs"]
+        for i, (text, ids, real) in enumerate(prompts):
+            if echo:
+                scored = gen.score_prompt(ids, top) if top is not None and real else []
+                for j in range(n):
+                    yield Piece(i * n + j, text, scored)
+            with closing(gen.pieces(ids, **kw)) as pieces:
+                for piece in pieces:
+                    piece.index += i * n
+                    for t in piece.tokens:  # text_offset counts from the prompt's start
+                        t.offset += len(text)
+                    yield piece
+
+    def completion_chunks(h: dict, prompts, kw: dict, echo: bool, usage: bool, n_prompt: int):
+        extra = {"usage": None} if usage else {}
+        n_out = 0
+        with closing(completion_pieces(prompts, kw, echo)) as pieces:
+            for p in pieces:
+                lp = _legacy_lp(p.tokens) if kw["top_logprobs"] is not None and p.tokens else None
+                n_out += p.n_tokens
+                yield h | {"choices": [{"index": p.index, "text": p.text, "logprobs": lp,
+                                        "finish_reason": p.finish}]} | extra  # fmt: skip
+        if usage:
+            yield h | {"choices": [], "usage": _usage(n_prompt, n_out)}
 
     return app
 
