@@ -26,6 +26,7 @@ from .losses.stack import Divergence
 from .recipe_io import dump_recipe
 from .registry import build_model
 from .report import write_report
+from .store.label_folder import prepare_label_folder
 from .teachers import CachedTeacher, Ensemble, ModuleTeacher, StoreTeacher, Teacher
 from .train import CKPT, fit
 
@@ -404,7 +405,10 @@ def label_recipe(recipe: Recipe, out: str | Path, force: bool = False):
         raise DKError("teacher.kind is store: that recipe already trains from a store")
     out = Path(out)
     record = store_recipe_record(recipe)
-    dist.on_main(_prepare_label_folder, out, record, force)
+    rt = record["teacher"]
+    members = [rt] if rt["kind"] == "module" else rt["members"]
+    trains = any(m.get("checkpoint") is None for m in members)
+    dist.on_main(prepare_label_folder, out, record, force, trains)
     data = load_data(recipe.data)
     teacher = build_teacher(recipe, data, out, resume=True)
     spec = label_settings(recipe, data.train.num_classes)
@@ -421,63 +425,11 @@ def label_recipe(recipe: Recipe, out: str | Path, force: bool = False):
     )
 
 
-TEACHER_RECIPE = "recipe.json"  # in STORE/teacher/: the recipe its networks are trained for
-
-
 def store_recipe_record(recipe: Recipe) -> dict:
     """What a store made by `dk label` depends on in the recipe: its teacher and data
     sections, resolved (defaults filled in, absolute paths)."""
     dumped = recipe.model_dump(mode="json")
     return {"teacher": dumped["teacher"], "data": dumped["data"]}
-
-
-def _prepare_label_folder(out: Path, record: dict, force: bool) -> None:
-    """Refuse to reuse ``out`` (its store or its trained teacher) for another recipe.
-
-    The recipe a store was labelled from is the manifest's ``recipe``; the one the
-    teacher in ``out/teacher`` was trained for is ``out/teacher/recipe.json`` (written
-    before it trains, so a kill during its training is covered too). With ``force`` a
-    teacher trained for another recipe (or for one not recorded) is deleted; the store
-    itself is replaced by the labeller."""
-    import shutil
-
-    from .engine.rundir import first_difference
-    from .store.format import MANIFEST, write_json
-    from .store.reader import read_manifest
-
-    teacher_dir, mine = out / "teacher", out / "teacher" / TEACHER_RECIPE
-    store_old = teacher_old = None  # None: nothing there; a str: there, no usable record
-    if (out / MANIFEST).exists() and not force:
-        store_old = read_manifest(out).get("recipe", "none")
-    if mine.exists():
-        try:
-            teacher_old = json.loads(mine.read_text())
-        except (OSError, ValueError):
-            teacher_old = "unreadable"
-    elif teacher_dir.exists():
-        teacher_old = "none"
-    if not force:
-        for old, source in ((store_old, "the store"), (teacher_old, "its trained teacher")):
-            if old is None or old == record:
-                continue
-            if not isinstance(old, dict):
-                raise DKError(
-                    f"{out}: {source} has no recipe record to compare with (made by an older "
-                    "darkknowledge, or not by `dk label`); use --force to relabel it or "
-                    "--out for a new store"
-                )
-            raise DKError(
-                f"{out}: {source} was made from a different recipe: "
-                f"{first_difference(old, record)} differs; use --force to relabel it "
-                "(retraining the teacher) or --out for a new store"
-            )
-    elif teacher_old is not None and teacher_old != record:
-        shutil.rmtree(teacher_dir)  # trained for another recipe: trained again
-    tc = record["teacher"]
-    members = [tc] if tc["kind"] == "module" else tc["members"]
-    if any(m.get("checkpoint") is None for m in members):  # a network trains in teacher/
-        teacher_dir.mkdir(parents=True, exist_ok=True)
-        write_json(mine, record)
 
 
 def open_store_teacher(recipe: Recipe, data: DataSplits) -> StoreTeacher:

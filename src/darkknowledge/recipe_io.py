@@ -173,3 +173,12 @@ def validate_recipe(
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML (absolute paths, defaults filled in)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def first_difference(a, b, prefix: str = "") -> str:
+    """The dotted key of the first difference between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return prefix.rstrip(".") or "(top level)"

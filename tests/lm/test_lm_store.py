@@ -85,3 +85,30 @@ def test_store_trains_like_the_live_teacher(tmp_path: Path, capsys):
     # random offsets cannot be looked up in a store: refused before anything runs
     assert main([*bad, "data.sampling=random"]) == 2
     assert "data.sampling: blocks" in capsys.readouterr().err
+
+
+def test_dk_label_refuses_a_store_or_teacher_made_for_another_recipe(tmp_path: Path, capsys):
+    text = tmp_path / "shakes.txt"
+    text.write_text(SHAKES.read_text()[:8_000])
+    recipe = {
+        "family": "causal_lm",
+        "data": {"kind": "text", "path": str(text), "block_size": 16, "val_blocks": 2,
+                 "sampling": "blocks"},
+        "tokenizer": {"kind": "char"},
+        "teacher": {"model": {"tiny": "tiny-gpt2", "config": {"n_layer": 1, "n_head": 2, "n_embd": 16}},
+                    "train": {"steps": 4, "batch_size": 4, "warmup": 1}},
+        "student": {"model": {"tiny": "tiny-gpt2", "config": {"n_layer": 1, "n_head": 2, "n_embd": 16}}},
+        "distill": {"mode": "token"},
+    }  # fmt: skip
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "store"
+    assert main(["label", str(r), "--out", str(out)]) == 0
+    manifest = (out / "manifest.json").read_bytes()
+    assert main(["label", str(r), "--out", str(out)]) == 0  # the same recipe: reused as is
+    assert (out / "manifest.json").read_bytes() == manifest
+    capsys.readouterr()
+    assert main(["label", str(r), "--out", str(out), "teacher.train.steps=5"]) == 2  # stale
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "teacher.train.steps differs" in err, err
+    assert (out / "manifest.json").read_bytes() == manifest  # nothing touched

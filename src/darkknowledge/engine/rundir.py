@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import DKError
+from ..recipe_io import first_difference
 from .checkpoint import FORMAT_VERSION
 
 MARKER = "run.json"
@@ -32,15 +33,6 @@ RUN_ENTRIES = {
     "plain", "students", "signals", "seqkd",
 }  # fmt: skip
 _replaced: dict[Path, Path] = {}  # new run folder -> the old run moved aside
-
-
-def first_difference(a, b, prefix: str = "") -> str:
-    """The dotted key of the first difference between two nested dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return prefix.rstrip(".") or "(top level)"
 
 
 def made_by_this_tool(folder: Path) -> bool:

@@ -45,6 +45,7 @@ from ..engine.rundir import prepare_run_dir
 from ..errors import DKError
 from ..hf import io as hfio
 from ..recipe_io import dump_recipe
+from ..store.label_folder import prepare_label_folder
 from . import models as M
 from .data import (
     IGNORE,
@@ -835,6 +836,15 @@ def label_lm_recipe(recipe: LMRecipe, out: str | Path, force: bool = False):
     if json_digest(s_tok.get_vocab()) != json_digest(t_tok.get_vocab()):
         raise DKError("dk label: a token store needs one tokenizer for teacher and student")
     data = Data(recipe, s_tok, t_tok, text)
+    # the folder's store and trained teacher are reused only for this recipe's teacher/data
+    dumped = recipe.model_dump(mode="json")
+    record = {
+        "teacher": dumped["teacher"],
+        "data": dumped["data"],
+        "tokenizer": dumped["tokenizer"],
+    }
+    trains = recipe.teacher.train is not None
+    ddist.on_main(prepare_label_folder, out, record, force, trains)
     if recipe.teacher.train is None:
         teacher = build_model(recipe.teacher.model, t_tok, 0).eval()
     else:
@@ -858,6 +868,7 @@ def label_lm_recipe(recipe: LMRecipe, out: str | Path, force: bool = False):
         tokenizer=json_digest(t_tok.get_vocab()),
         describe={"recipe": recipe.name, "data": str(recipe.data.path), "teacher": "causal_lm"},
         force=force,
+        recipe=record,
     )
 
 
