@@ -1,0 +1,73 @@
+"""One run contract: `dk run --seeds 2` and `dk report` on a recipe of every family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from darkknowledge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SHAKES = SHARED / "tinyshakespeare" / "input.txt"
+
+
+def _classify(tmp: Path) -> Path:
+    r = {"data": {"name": "digits", "limit": 300},
+         "teacher": {"kind": "module", "model": {"name": "mlp", "hidden": [16]}, "train": {"steps": 10}},
+         "student": {"model": {"name": "mlp", "hidden": [8]}},
+         "train": {"steps": 5, "batch_size": 32}, "eval": {"latency": False}}  # fmt: skip
+    f = tmp / "classify.yaml"
+    f.write_text(yaml.safe_dump(r))
+    return f
+
+
+def _text(tmp: Path) -> Path:
+    r = {"family": "text",
+         "data": {"path": str(SHARED / "sst2"), "max_length": 16, "train_subset": 32,
+                  "dev_subset": 16, "test_subset": 16},
+         "teacher": {"source": "tiny:tiny-bert",
+                     "tiny": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}},
+         "student": {"layers": [0, 2]}, "train": {"epochs": 1, "batch_size": 16},
+         "eval": {"latency": False}}  # fmt: skip
+    f = tmp / "text.yaml"
+    f.write_text(yaml.safe_dump(r))
+    return f
+
+
+def _lm(tmp: Path) -> Path:
+    text = tmp / "shakes.txt"
+    text.write_text(SHAKES.read_text()[:5_000])
+    tiny = {"tiny": "tiny-gpt2", "config": {"n_layer": 1, "n_head": 2, "n_embd": 16}}
+    fast = {"steps": 3, "batch_size": 2, "warmup": 1, "eval_every": 3}
+    r = {"family": "causal_lm",
+         "data": {"kind": "text", "path": str(text), "block_size": 16, "val_blocks": 2},
+         "tokenizer": {"kind": "char"}, "teacher": {"model": tiny, "train": fast},
+         "student": {"model": tiny}, "train": fast, "distill": {"mode": "token"}}  # fmt: skip
+    f = tmp / "lm.yaml"
+    f.write_text(yaml.safe_dump(r))
+    return f
+
+
+@pytest.mark.skipif(not SHAKES.exists(), reason="shared data not present")
+@pytest.mark.parametrize("family", ["classify", "text", "causal_lm"])
+def test_seeds_and_report_on_every_family(family, tmp_path: Path, capsys):
+    recipe = {"classify": _classify, "text": _text, "causal_lm": _lm}[family](tmp_path)
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    if family == "classify":
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["seeds"] == [0, 1] and "student" in summary["rows"]
+        run = out / "seed_1"
+    else:
+        report = json.loads((out / "report.json").read_text())
+        seeds = report["seeds"] if family == "text" else [int(s) for s in report["students"]]
+        assert seeds == [0, 1], report
+        run = out
+    assert main(["report", str(run)]) == 0  # the family's table again, from the run folder
+    again = capsys.readouterr().out
+    assert again.strip() and (family == "classify" or again.splitlines()[-3] in printed)
