@@ -24,6 +24,30 @@ PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Limits every family's recipe shares (docs/limits.md): numbers outside them cannot train
+# (a temperature of 1e-300 or 1e30 turns soft targets into NaN or noise; a seed must fit
+# the generators' 32 bits)
+Temperature = Annotated[float, Field(ge=0.05, le=100.0)]
+LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+_SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size",
+          "num_attention_heads", "num_hidden_layers", "intermediate_size",
+          "num_key_value_heads", "max_position_embeddings", "vocab_size")  # fmt: skip
+
+
+def check_tiny_config(cfg: dict, where: str) -> dict:
+    """A tiny transformer's config overrides: sizes are whole numbers ≥ 1 (under a
+    million), and the attention heads divide the width."""
+    for k in _SIZES:
+        v = cfg.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 10**6):
+            raise ValueError(f"{where}.{k}: a whole number from 1 to 999,999, not {v!r}")
+    for width, heads in (("n_embd", "n_head"), ("hidden_size", "num_attention_heads")):
+        w, h = cfg.get(width), cfg.get(heads)
+        if w is not None and h is not None and w % h:
+            raise ValueError(f"{where}: {heads}={h} does not divide {width}={w}")
+    return cfg
 
 
 def _resolve(v: Path, info: ValidationInfo) -> Path:
@@ -117,7 +141,7 @@ class TransferConfig(Strict):
 
 class _DataBase(Strict):
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    split_seed: int = 0
+    split_seed: Seed = 0
     limit: PosInt | None = None  # use only the first N training examples (quick runs)
     transfer: TransferConfig | None = None
 
@@ -162,8 +186,8 @@ class TrainConfig(Strict):
     # share on each process is split into grad_accum forward/backward passes
     grad_accum: PosInt = 1
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: PosFloat = 1e-3
-    min_lr: NonNeg = 0.0  # cosine: the rate it decays to
+    lr: LearningRate = 1e-3
+    min_lr: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0  # cosine: the rate it decays to
     weight_decay: NonNeg = 0.0
     decay: Literal["all", "matrices"] = "all"
     beta2: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999  # adamw
@@ -176,7 +200,7 @@ class TrainConfig(Strict):
     augment: Literal["none", "jitter", "hflip", "jitter_hflip"] = "none"
     jitter_px: Annotated[int, Field(ge=1, le=8)] = 2
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the forward passes
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: PosInt | None = None  # steps; None: at the end of every epoch
     eval_every: PosInt | None = None  # steps; None: at the end of every epoch
     log_every: PosInt = 50  # steps between metrics.jsonl lines
@@ -252,7 +276,7 @@ class MemberConfig(Strict):
     model: ModelConfig
     checkpoint: ExistingPath | None = None
     train: TrainConfig = TrainConfig()
-    seed: int | None = None  # shorthand for train.seed
+    seed: Seed | None = None  # shorthand for train.seed
 
 
 class ModuleTeacherConfig(MemberConfig):
@@ -303,7 +327,7 @@ class LabelConfig(Strict):
     # auto: fp16 for dense logits, q8 (8-bit log-probs) for top-k: with uint16 ids that is
     # 64·3 + 4 ≈ 197 bytes per token, and q8 adds < 0.001 nats of KL (docs/results/store.md)
     dtype: Literal["auto", "fp32", "fp16", "bf16", "q8"] = "auto"
-    temperature: PosFloat = 1.0
+    temperature: Temperature = 1.0
     shard_size: PosInt = 8192  # examples per shard
     batch_size: PosInt = 512
     hidden: list[str] = []  # teacher layers to store too, e.g. [features.3]
@@ -320,13 +344,13 @@ class StudentConfig(Strict):
 
 
 class HintonKDConfig(Strict):
-    temperature: PosFloat = 4.0
+    temperature: Temperature = 4.0
     alpha: Fraction = 0.9
     weight: Annotated[float, Field(ge=0.0)] = 1.0
 
 
 class DivergenceConfig(Strict):
-    temperature: PosFloat = 1.0
+    temperature: Temperature = 1.0
     weight: Annotated[float, Field(ge=0.0)] = 1.0
 
 
@@ -343,7 +367,7 @@ class GenericDivergenceConfig(Strict):
     key: ``skew_kl: {skew: 0.1, temperature: 2.0}``. ``beta``/``skew`` go to the
     divergences that take them."""
 
-    temperature: PosFloat = 1.0
+    temperature: Temperature = 1.0
     weight: Annotated[float, Field(ge=0.0)] = 1.0
     beta: Fraction | None = None
     skew: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None

@@ -18,11 +18,13 @@ from ..config import (
     EvalConfig,
     ExistingPath,
     GenericDivergenceConfig,
-    PosFloat,
     PosInt,
     RecipePath,
+    Seed,
     Strict,
+    Temperature,
     TrainConfig,
+    check_tiny_config,
     divergence_terms,
     with_defaults,
 )
@@ -45,13 +47,13 @@ class TextData(Strict):
     label_key: str = "label"
     max_length: PosInt = 64
     train_subset: PosInt | None = None  # a seeded random subset of the training split
-    subset_seed: int = 0
+    subset_seed: Seed = 0
     dev_subset: PosInt | None = None
     test_subset: PosInt | None = None
     # students train on a seeded subset of this many training examples (default: all);
     # only these are labelled by the teacher
     student_examples: PosInt | None = None
-    student_examples_seed: int = 0
+    student_examples_seed: Seed = 0
 
 
 # the text family's defaults for ``train:`` and ``teacher.finetune:`` (BERT's recipe:
@@ -88,6 +90,11 @@ class TeacherConfig(Strict):
         default_factory=dict
     )  # config overrides for tiny:<name>
 
+    @model_validator(mode="after")
+    def _sizes(self):
+        check_tiny_config(self.tiny, "teacher.tiny")
+        return self
+
 
 class StudentConfig(Strict):
     layers: list[Annotated[int, Field(ge=0)]] | None = None  # default: every other layer
@@ -96,7 +103,7 @@ class StudentConfig(Strict):
 
 class SoftConfig(Strict):
     weight: NonNeg = 1.0
-    temperature: PosFloat = 2.0
+    temperature: Temperature = 2.0
 
 
 class WeightConfig(Strict):
@@ -175,7 +182,7 @@ class Variant(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
     init: Literal["teacher", "random"] | None = None
     loss: TextLoss | None = None
-    seeds: list[int] | None = None  # default: the recipe's seeds (or --seeds)
+    seeds: list[Seed] | None = None  # default: the recipe's seeds (or --seeds)
     about: str = ""
 
 
@@ -187,7 +194,7 @@ class TextRecipe(Strict):
     loss: TextLoss = TextLoss(soft=SoftConfig(), hard=WeightConfig(), cosine=CosineConfig())
     train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS)
     variants: list[Variant] = Field(default_factory=lambda: [Variant(name="distilled")])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     threads: PosInt | None = None  # torch CPU threads (default: torch's choice)
     eval: EvalConfig = EvalConfig(latency_runs=20)
     signals_dir: RecipePath | None = None  # where the teacher's store goes (default: run dir)

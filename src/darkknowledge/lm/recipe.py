@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
 from ..config import (
     EvalConfig,
@@ -33,8 +33,11 @@ from ..config import (
     LabelConfig,
     PosFloat,
     PosInt,
+    Seed,
     Strict,
+    Temperature,
     TrainConfig,
+    check_tiny_config,
     with_defaults,
 )
 
@@ -46,12 +49,27 @@ class TinyModel(Strict):
     config: dict[str, int | float | str | bool] = Field(default_factory=dict)
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # tiny-gpt2's three dropouts
 
+    @model_validator(mode="after")
+    def _sizes(self):
+        check_tiny_config(self.config, "model.config")
+        return self
+
 
 class PathModel(Strict):
     path: ExistingPath
 
 
-ModelSpec = TinyModel | PathModel
+def _model_kind(v) -> str:
+    if isinstance(v, dict):
+        return "tiny" if "tiny" in v else "path"
+    return "tiny" if isinstance(v, TinyModel) else "path"
+
+
+# tagged by which key is given, so an error names that form only
+ModelSpec = Annotated[
+    Annotated[TinyModel, Tag("tiny")] | Annotated[PathModel, Tag("path")],
+    Discriminator(_model_kind),
+]
 
 
 class TextData(Strict):
@@ -169,7 +187,7 @@ class LossSpec(Strict):
     """A registered divergence (darkknowledge.losses.registry) by name, per token."""
 
     kind: Annotated[str, AfterValidator(_registered)] = "forward_kl"
-    temperature: PosFloat = 1.0
+    temperature: Temperature = 1.0
     beta: Fraction = 0.5
     skew: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     kd_weight: NonNeg = 1.0
@@ -188,13 +206,13 @@ class DistillSpec(Strict):
     lmbda: Fraction = 0.5  # gkd: fraction of on-policy batches
     prompt_tokens: PosInt = 16  # gkd/seqkd on text data: prompt length taken from a block
     gen_tokens: PosInt = 48  # gkd/seqkd: tokens sampled per continuation
-    sample_temperature: PosFloat = 1.0
+    sample_temperature: Temperature = 1.0
     seqkd_sequences: PosInt = 2048  # seqkd: teacher continuations generated once
 
 
 class LMRecipe(Strict):
     name: str = "lm"
-    seed: int = 0
+    seed: Seed = 0
     data: DataSpec
     tokenizer: TokenizerSpec | None = None
     teacher: Annotated[TeacherSpec | StoreTeacherSpec, Field(discriminator="kind")] | None = None
