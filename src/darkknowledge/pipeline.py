@@ -8,7 +8,6 @@ directory and is skipped when already finished, resumed when interrupted.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .losses.stack import Divergence
 from .recipe_io import dump_recipe
 from .registry import build_model
 from .report import write_report
+from .store.format import atomic_write_bytes
 from .store.label_folder import prepare_label_folder
 from .teachers import CachedTeacher, Ensemble, ModuleTeacher, StoreTeacher, Teacher
 from .train import CKPT, fit
@@ -95,7 +95,8 @@ def train_member(member: MemberConfig, data: DataSplits, folder: Path, resume: b
 def _save_member(res, member: MemberConfig, shape, nc: int, folder: Path) -> None:
     save_model(res.model, member.model, shape, nc, folder)
     faults.point("saved")
-    _write_atomic(folder / "train.json", json.dumps({"steps": res.steps, "wall_s": res.wall_s}))
+    info = {"steps": res.steps, "wall_s": res.wall_s}
+    atomic_write_bytes(folder / "train.json", json.dumps(info).encode())
     (folder / CKPT).unlink(missing_ok=True)
 
 
@@ -145,14 +146,8 @@ def train_student(
 def _save_student(model, info: dict, model_cfg: StudentConfig, shape, nc: int, folder: Path):
     save_model(model, model_cfg.model, shape, nc, folder)
     faults.point("saved")
-    _write_atomic(folder / "train.json", json.dumps(info))
+    atomic_write_bytes(folder / "train.json", json.dumps(info).encode())
     (folder / CKPT).unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(run_dir: Path, recipe, resume: bool, force: bool, family: str = "classify"):

@@ -15,7 +15,6 @@ The verifiers are ``dk generate``'s (``gsm8k``, ``exact``, ``regex``). Results g
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from ..errors import DKError
 from ..jsonl import iter_objects
+from ..store.format import atomic_write_bytes
 from .sft import _collate, encode_pair, evaluate, response_loss
 from .verifiers import build_verifier
 
@@ -53,7 +53,7 @@ def read_rows(path: Path, prompt_key: str, answer_key: str, template: str, limit
             p, a = rec.get(prompt_key), rec.get(answer_key)
             if not isinstance(p, str) or not isinstance(a, str | int | float):
                 raise DKError(f"{path}:{n}: needs a string {prompt_key!r} and an {answer_key!r}")
-            rows.append({"prompt": _fill(template, p, path, n), "reference": str(a)})
+            rows.append({"prompt": _fill(template, p), "reference": str(a)})
             if limit is not None and len(rows) >= limit:
                 break
     except UnicodeDecodeError:
@@ -63,7 +63,7 @@ def read_rows(path: Path, prompt_key: str, answer_key: str, template: str, limit
     return rows
 
 
-def _fill(template: str, prompt: str, path, n) -> str:
+def _fill(template: str, prompt: str) -> str:
     # plain {prompt} substitution only: a template never reaches attributes or indexes
     if "{prompt}" not in template:
         raise DKError("--template must contain {prompt}")
@@ -131,10 +131,7 @@ def eval_models(
             }
             for m in ("pass@1", "maj@k", "greedy", "loss")
         }
-    target = Path(path) / "eval.json"
-    tmp = target.with_name("eval.json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, target)
+    atomic_write_bytes(Path(path) / "eval.json", json.dumps(out, indent=2).encode())
     return out
 
 

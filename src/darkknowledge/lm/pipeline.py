@@ -45,6 +45,7 @@ from ..engine.rundir import prepare_run_dir
 from ..errors import DKError
 from ..hf import io as hfio
 from ..recipe_io import dump_recipe
+from ..store.format import atomic_write_bytes
 from ..store.label_folder import prepare_label_folder
 from . import models as M
 from .data import (
@@ -562,9 +563,8 @@ def _finish(model, tok, result: dict, folder: Path) -> dict:
     path = save_model(model, tok, folder / "model")
     faults.point("saved")
     result["model"] = str(path)
-    tmp = folder / "result.json.tmp"  # atomic: a kill never leaves half a result
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, folder / "result.json")
+    # atomic: a kill never leaves half a result
+    atomic_write_bytes(folder / "result.json", json.dumps(result, indent=2).encode())
     (folder / CKPT).unlink(missing_ok=True)
     return result
 

@@ -56,6 +56,17 @@ class HiddenProjection(nn.Module):
         return self.proj[key](h) if key in self.proj else h
 
 
+def _mapped(student_hidden, teacher_hidden: dict[int, Tensor], projection, term: str):
+    """(projected student hidden ``(B, T, Ht)``, teacher hidden) per mapped layer pair."""
+    for s_layer, t_layer in projection.layer_map.items():
+        if s_layer >= len(student_hidden):
+            raise DKError(
+                f"{term}.layer_map: student layer {s_layer} does not exist "
+                f"(0 = embeddings … {len(student_hidden) - 1})"
+            )
+        yield projection(s_layer, student_hidden[s_layer]), teacher_hidden[t_layer]
+
+
 def hidden_cosine(
     student_hidden: tuple[Tensor, ...] | list[Tensor],
     teacher_hidden: dict[int, Tensor],
@@ -69,14 +80,7 @@ def hidden_cosine(
     ``l`` is ``hidden_states[l]``), each ``(B, T, Hs)``. ``teacher_hidden`` maps a teacher
     layer to ``(B, T, Ht)`` (``how='tokens'``) or an already pooled ``(B, Ht)``."""
     terms = []
-    for s_layer, t_layer in projection.layer_map.items():
-        if s_layer >= len(student_hidden):
-            raise DKError(
-                f"cosine.layer_map: student layer {s_layer} does not exist "
-                f"(0 = embeddings … {len(student_hidden) - 1})"
-            )
-        h = projection(s_layer, student_hidden[s_layer])  # (B, T, Ht)
-        t = teacher_hidden[t_layer]
+    for h, t in _mapped(student_hidden, teacher_hidden, projection, "cosine"):
         if how == "tokens":
             terms.append(cosine_distance(h, t[:, : h.shape[1]], mask))
         else:
@@ -116,14 +120,8 @@ def hidden_mse(
     teacher's, averaged over the layer map (shapes as :func:`hidden_cosine`); per token
     the mean is over valid tokens and the hidden width."""
     terms = []
-    for s_layer, t_layer in projection.layer_map.items():
-        if s_layer >= len(student_hidden):
-            raise DKError(
-                f"hint_mse.layer_map: student layer {s_layer} does not exist "
-                f"(0 = embeddings … {len(student_hidden) - 1})"
-            )
-        h = projection(s_layer, student_hidden[s_layer]).float()  # (B, T, Ht)
-        t = teacher_hidden[t_layer].float()
+    for h, t in _mapped(student_hidden, teacher_hidden, projection, "hint_mse"):
+        h, t = h.float(), t.float()
         if how == "tokens":
             per = (h - t[:, : h.shape[1]]).pow(2).mean(-1)  # (B, T)
             terms.append(masked_mean(per, mask))
