@@ -1,4 +1,5 @@
-"""One run contract: `dk run --seeds 2` and `dk report` on a recipe of every family."""
+"""One run contract: `dk run --seeds 2`, `dk report` and `dk eval` on a recipe of every
+family (a causal_lm recipe's own evaluation is `dk eval`'s: `eval.sampled`)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,19 @@ def _lm(tmp: Path) -> Path:
     text.write_text(SHAKES.read_text()[:5_000])
     tiny = {"tiny": "tiny-gpt2", "config": {"n_layer": 1, "n_head": 2, "n_embd": 16}}
     fast = {"steps": 3, "batch_size": 2, "warmup": 1, "eval_every": 3}
+    qa = tmp / "qa.jsonl"
+    qa.write_text(
+        "".join(
+            json.dumps({"question": q, "answer": a}) + "\n"
+            for q, a in (("ROMEO:", "O"), ("First Citizen:", "B"))
+        )
+    )
     r = {"family": "causal_lm",
          "data": {"kind": "text", "path": str(text), "block_size": 16, "val_blocks": 2},
          "tokenizer": {"kind": "char"}, "teacher": {"model": tiny, "train": fast},
-         "student": {"model": tiny}, "train": fast, "distill": {"mode": "token"}}  # fmt: skip
+         "student": {"model": tiny}, "train": fast, "distill": {"mode": "token"},
+         "eval": {"sampled": {"data": str(qa), "verifier": "exact", "k": 2,
+                              "max_new_tokens": 3}}}  # fmt: skip
     f = tmp / "lm.yaml"
     f.write_text(yaml.safe_dump(r))
     return f
@@ -71,3 +81,23 @@ def test_seeds_and_report_on_every_family(family, tmp_path: Path, capsys):
     assert main(["report", str(run)]) == 0  # the family's table again, from the run folder
     again = capsys.readouterr().out
     assert again.strip() and (family == "classify" or again.splitlines()[-3] in printed)
+    # dk eval: the saved models reloaded as a user loads them, scored again
+    ev = ["eval", str(run)] + (["--data", str(tmp_path / "qa.jsonl"), "--verifier", "exact",
+                                "--k", "2", "--max-new-tokens", "3"] if family == "causal_lm" else [])  # fmt: skip
+    assert main(ev) == 0
+    got = json.loads((run / "eval.json").read_text())["models"]
+    if family == "classify":  # the same weights and test split: the report's accuracy
+        rep = json.loads((run / "report.json").read_text())["rows"]["student"]
+        assert got["student"]["accuracy"] == rep["accuracy"] and got["student"]["n"] == rep["n"]
+    elif family == "text":
+        for s in (0, 1):
+            d = out / "students" / "distilled" / f"seed{s}"
+            res = json.loads((d / "result.json").read_text())
+            assert got[f"distilled/seed{s}"]["test_accuracy"] == res["test_accuracy"]
+        assert "teacher" in got
+    else:  # eval.sampled ran after training: its rows are in the report, one per seed
+        sampled = report["eval"]
+        assert sorted(sampled["models"]) == ["seed_0", "seed_1"] and sampled["k"] == 2
+        assert sorted(got) == ["seed_0", "seed_1"]
+        for r in got.values():
+            assert 0 <= r["pass@1"] <= 1 and r["loss"] > 0

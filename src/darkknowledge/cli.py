@@ -51,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         "eval", help="a language-model student: pass@1, maj@k, greedy accuracy, held-out loss"
     )
     ev.add_argument("path", metavar="RUN_DIR|MODEL_DIR")
-    ev.add_argument("--data", required=True, help="JSONL rows with a prompt and an answer")
+    ev.add_argument(
+        "--data",
+        help="JSONL rows with a prompt and an answer (language models; a classify or text "
+        "run is scored on its recipe's test split)",
+    )
     ev.add_argument("--verifier", default="gsm8k", help="gsm8k, exact or regex (default gsm8k)")
     ev.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
     ev.add_argument("--temperature", type=float, default=0.6, help="(default 0.6)")
@@ -80,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--tokenizer", required=True, help="the tokenizer teacher and student share")
     sa.add_argument("--out", required=True, help="store folder")
     sa.add_argument("--samples", choices=["all", "correct"], default="all")
+    sa.add_argument("--dtype", choices=["q8", "fp16", "fp32"], default="q8",
+                    help="how the log-probs are kept (default: %(default)s)")  # fmt: skip
     sa.add_argument("--force", action="store_true", help="rewrite an existing store")
 
     rep = sub.add_parser("report", help="print a finished run's report (and re-draw its plots)")
@@ -109,6 +115,38 @@ def _seed_list(text: str) -> list[int]:
     if len(set(nums)) != len(nums):
         raise DKError(f"--seeds {text}: a seed is listed twice")
     return nums
+
+
+def _eval_run_dir(run: Path) -> bool:
+    """``dk eval`` of a classify or text run folder (False: not one of those)."""
+    import json
+
+    from .families import evaluator, validate_family
+    from .recipe_io import read_yaml
+    from .report import run_family
+    from .store.format import atomic_write_bytes
+
+    if not (run / "run.json").exists():
+        return False
+    fam = run_family(run)
+    fn = evaluator(fam)
+    if fn is None:
+        return False
+    data = read_yaml(run / "config.yaml")  # the resolved recipe the run was written from
+    if fam != "classify":
+        data = {"family": fam, **{k: v for k, v in data.items() if k != "family"}}
+    _, recipe = validate_family(data, base_dir=run, source=str(run / "config.yaml"))
+    res = fn(recipe, run)
+    atomic_write_bytes(run / "eval.json", json.dumps(res, indent=2).encode())
+    keys = [k for k in next(iter(res["models"].values())) if k != "model"]
+    print(f"{'model':<24}" + "".join(f"{k:>14}" for k in keys))
+    for name, r in res["models"].items():
+        print(
+            f"{name:<24}"
+            + "".join(f"{r[k]:>14.4f}" if isinstance(r[k], float) else f"{r[k]:>14}" for k in keys)
+        )
+    print(f"\neval: {run / 'eval.json'}")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +346,7 @@ def _dispatch_one(args) -> int:
                 args.out,
                 load_tokenizer(args.tokenizer),
                 samples=args.samples,
+                dtype=args.dtype,
                 force=args.force,
             )
             print(format_info(store.info()))
@@ -340,6 +379,13 @@ def _dispatch_one(args) -> int:
         return 0
     if args.cmd == "eval":
         from .blackbox.evaluate import eval_models, format_eval
+
+        if _eval_run_dir(Path(args.path)):
+            return 0
+        if args.data is None:
+            raise DKError(
+                "dk eval: --data JSONL (prompts and answers) is needed for a language model"
+            )
 
         res = eval_models(
             Path(args.path), Path(args.data), verifier=args.verifier, k=args.k,

@@ -432,6 +432,24 @@ class LossConfig(Strict):
 # ---------------------------------------------------------------- eval and recipe
 
 
+class SampledEval(Strict):
+    """``eval.sampled`` (causal_lm): after training, ``dk eval`` of the students on
+    prompt/answer rows: pass@1 and maj@k of ``k`` samples at ``temperature``, greedy
+    accuracy and held-out loss, judged by one of ``dk generate``'s verifiers."""
+
+    data: ExistingPath
+    verifier: Literal["gsm8k", "exact", "regex"] = "gsm8k"
+    verifier_params: dict[str, str | int | float | bool] | None = None
+    k: PosInt = 4
+    temperature: Annotated[float, Field(gt=0.0, le=2.0)] = 0.6
+    max_new_tokens: PosInt = 64
+    prompt_key: str = "question"
+    answer_key: str = "answer"
+    template: str = "{prompt}"
+    limit: PosInt | None = None
+    seed: Seed = 0
+
+
 class EvalConfig(Strict):
     """The ``eval:`` section of every family's recipe: what the report measures."""
 
@@ -451,6 +469,8 @@ class EvalConfig(Strict):
     # Extra report row with the student's logit for a class raised by a constant, as in
     # Hinton et al. (2015) §3 after leaving a class out of the transfer set: {3: 3.5}.
     bias_shift: dict[Annotated[int, Field(ge=0)], float] | None = None
+    # causal_lm: sample and verify answers after training (``dk eval``), into the report
+    sampled: SampledEval | None = None
 
 
 class Recipe(Strict):
@@ -467,6 +487,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _loss_fits_teacher(self):
+        if self.eval.sampled is not None:
+            raise ValueError("eval.sampled: sampled answers are judged for causal_lm recipes")
         if (
             self.teacher is not None
             and self.teacher.kind == "store"

@@ -31,12 +31,16 @@ class Family:
     run: str
     extra: str | None = None  # pip extra that provides its dependencies
     help: str = ""
+    # ``dk eval RUN_DIR``: ``eval(recipe, run_dir: Path) -> dict`` (causal_lm: dk eval's
+    # sampling evaluation, which needs --data)
+    eval: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
     "classify": Family(
         "darkknowledge.config:Recipe",
         "darkknowledge.pipeline:run_recipe",
+        eval="darkknowledge.pipeline:eval_run",
         help="image/tabular classification (the core pipeline)",
     ),
     # DistilBERT-style transformer compression and text classification (issue 5)
@@ -44,6 +48,7 @@ FAMILIES: dict[str, Family] = {
         "darkknowledge.hf.text_recipe:TextRecipe",
         "darkknowledge.hf.text_pipeline:run_text_recipe",
         extra="hf",
+        eval="darkknowledge.hf.text_pipeline:eval_text_run",
         help="transformer encoders: layer-copy students, triple loss, text classification",
     ),
     # causal language models: token-level KD, GKD, sequence-level KD (issue 6)
@@ -117,3 +122,9 @@ def load_family_recipe(path: str | Path, overrides: list[str] | None = None):
 def runner(name: str):
     fam = FAMILIES[name]
     return _resolve(fam.run, name, fam.extra)
+
+
+def evaluator(name: str):
+    """The family's ``dk eval RUN_DIR`` function, or None (causal_lm: by sampling)."""
+    fam = FAMILIES[name]
+    return _resolve(fam.eval, name, fam.extra) if fam.eval else None

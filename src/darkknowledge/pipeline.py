@@ -467,3 +467,24 @@ def _row(model, logits, data: DataSplits, modules, teacher_logits, ev, shape) ->
     if ev.latency:
         row.update(speed(model, shape, ev.latency_runs))
     return row
+
+
+def eval_run(recipe: Recipe, run_dir: Path) -> dict:
+    """``dk eval RUN_DIR`` on a classify run: the saved student (and plain baseline)
+    reloaded from its folder, as a user loads it, and scored on the recipe's test split."""
+    from .export import load_model
+
+    data = load_data(recipe.data)
+    out = {"data": data.description, "models": {}}
+    for name in ("student", "plain"):
+        if not (run_dir / name).is_dir():
+            continue
+        model = load_model(run_dir / name).eval()
+        q = quality(predict_logits(model, data.test), data.test.y, None, recipe.eval.ece_bins)
+        out["models"][name] = {
+            "model": str(run_dir / name),
+            **{k: q[k] for k in ("accuracy", "errors", "n", "nll", "ece")},
+        }
+    if not out["models"]:
+        raise DKError(f"{run_dir}: no saved student (student/); has the run finished?")
+    return out

@@ -317,6 +317,9 @@ def test_every_manifest_the_code_writes_validates(tmp_path):
         def __len__(self):
             return 50
 
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(50)}
+
     api = logprobs_to_store(tmp_path / "results.jsonl", tmp_path / "api", Tok())
     assert api.k == 3 and api.task == "sequence"
     for name in [*kinds, "api"]:

@@ -89,6 +89,7 @@ def eval_models(
     data: Path,
     *,
     verifier: str = "gsm8k",
+    verifier_params: dict | None = None,
     k: int = 4,
     temperature: float = 0.6,
     max_new_tokens: int = 64,
@@ -102,7 +103,7 @@ def eval_models(
 
     if k < 1 or max_new_tokens < 1 or not (0.0 < temperature <= 2.0):
         raise DKError("--k and --max-new-tokens must be ≥ 1, --temperature in (0, 2]")
-    verify = build_verifier(verifier)
+    verify = build_verifier(verifier, verifier_params)
     rows = read_rows(data, prompt_key, answer_key, template, limit)
     out = {"data": str(data), "prompts": len(rows), "verifier": verifier, "k": k,
            "temperature": temperature, "models": {}}  # fmt: skip

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..errors import DKError
 from ..signals import Signals
 from ..store import LabelSpec, label
+from ..store.fingerprint import json_digest
 from .generate import read_results
 
 
@@ -103,7 +104,10 @@ def logprobs_to_store(
     """Write a top-k + tail store from ``results.jsonl`` of ``dk generate``.
 
     ``samples``: ``all`` (every sample with log-probs) or ``correct`` (those the verifier
-    accepted). Example ids are the row order of the samples taken (0, 1, ...)."""
+    accepted). Example ids are the row order of the samples taken (0, 1, ...); each is
+    keyed by its prompt id and sample index, and the store keeps the sampled tokens, so a
+    ``causal_lm`` recipe on chat data (``dk generate``'s ``sft.jsonl``) joins its rows to
+    the store by key (:func:`darkknowledge.lm.pipeline.open_token_store`)."""
     results = Path(results)
     if samples not in ("all", "correct"):
         raise DKError(f"samples must be 'all' or 'correct', not {samples!r}")
@@ -112,6 +116,7 @@ def logprobs_to_store(
         raise DKError(f"{results}: no answered prompts")
     to_id = _TokenIds(tokenizer)
     seqs: list[list[int]] = []
+    keys: list[tuple[str, int]] = []
     tops: list[list[list[tuple[int, float]]]] = []
     k = None
     for pid, row in rows.items():
@@ -135,6 +140,7 @@ def logprobs_to_store(
             if seq:
                 seqs.append(seq)
                 tops.append(top)
+                keys.append((str(pid), int(s.get("index", 0))))
     if not seqs or k is None:
         raise DKError(f"{results}: no samples with log-probs (set sampling.top_logprobs)")
     n, t_max = len(seqs), max(map(len, seqs))
@@ -165,8 +171,10 @@ def logprobs_to_store(
         spec,
         mask=mask,
         preprocessing={"source": "api logprobs", "results_sha256": digest, "samples": samples},
-        tokenizer=getattr(tokenizer, "name_or_path", None) or "tokenizer",
+        tokenizer=json_digest(tokenizer.get_vocab()),
         describe={"teacher": row0.get("teacher"), "sampling": row0.get("sampling")},
+        keys=keys,
+        store_inputs=True,
         force=force,
         progress=False,
     )

@@ -836,3 +836,29 @@ def _report(recipe, out: Path, splits, enc, teacher, t_res, seeds, results, t_st
                 "b32_ms": time_forward(mdl, 32, L, max(3, runs // 4)),
             }
     return write_report(rep, out)
+
+
+def eval_text_run(recipe: TextRecipe, run: Path) -> dict:
+    """``dk eval RUN_DIR`` on a text run: every saved model (the teacher and each
+    student variant and seed) reloaded from its folder, as a user loads it, and scored
+    on the recipe's dev and test splits."""
+    _, dev, test = _data(recipe)
+    dirs = {"teacher": run / "teacher" / "model"} if (run / "teacher" / "model").is_dir() else {}
+    for d in sorted(run.glob("students/*/seed*/model")):
+        dirs[f"{d.parent.parent.name}/{d.parent.name}"] = d
+    if not dirs:
+        raise DKError(f"{run}: no saved model (teacher/model, students/*/seed*/model)")
+    out = {"data": str(recipe.data.path), "models": {}}
+    for name, d in dirs.items():
+        tok = hfio.load_tokenizer(d)
+        model = hfio.load_model(d, CLF).eval()
+        enc = {k: encode(tok, s, recipe.data.max_length) for k, s in (("dev", dev), ("test", test))}
+        r = _evaluate_model(model, enc, None)
+        out["models"][name] = {
+            "model": str(d),
+            "dev_accuracy": r["dev_accuracy"],
+            "test_accuracy": r["test_accuracy"],
+            "test_nll": r["test"]["nll"],
+            "test_ece": r["test"]["ece"],
+        }
+    return out

@@ -229,6 +229,8 @@ class TextRecipe(Strict):
     def _check(self):
         if self.train.augment != "none":
             raise ValueError("train.augment: image augmentation does not apply to text")
+        if self.eval.sampled is not None:
+            raise ValueError("eval.sampled: sampled answers are judged for causal_lm recipes")
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variants: names must be unique, got {names}")

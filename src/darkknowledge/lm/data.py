@@ -28,6 +28,9 @@ class LMBatch:
     attention_mask: Tensor  # (B, T)
     labels: Tensor  # (B, T), −100 where no loss
     ids: Tensor | None = None  # (B,) example ids (fixed blocks / chat rows): store lookups
+    # chat rows joined to a store of sampled responses: how many leading response
+    # positions of each row the store has signals for (the rest: CE only)
+    kd_len: Tensor | None = None  # (B,)
 
     @property
     def valid(self) -> Tensor:
@@ -133,6 +136,21 @@ def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[str
     if not rows:
         raise DKError(f"{path}: no examples")
     return rows
+
+
+def read_keys(path: Path, id_key: str, sample_key: str) -> list[tuple[str, int]]:
+    """Each row's (prompt id, sample index), the key a store of sampled responses uses."""
+    keys = []
+    for i, rec in iter_objects(path):
+        pid, smp = rec.get(id_key), rec.get(sample_key, 0)
+        if not isinstance(pid, str | int) or isinstance(pid, bool):
+            raise DKError(f"{path}:{i}: no prompt id {id_key!r} (data.id_key) to join the store by")
+        if not isinstance(smp, int) or isinstance(smp, bool) or smp < 0:
+            raise DKError(
+                f"{path}:{i}: {sample_key!r} (data.sample_key) must be a sample index ≥ 0"
+            )
+        keys.append((str(pid), smp))
+    return keys
 
 
 def render(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:

@@ -3,6 +3,9 @@ states) and its LM head, so the head can be applied chunk by chunk."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import torch
 from torch import Tensor, nn
 
 
@@ -48,3 +51,31 @@ def max_positions(model: nn.Module) -> int | None:
 
 def param_count(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+class LMEnsemble(nn.Module):
+    """Causal LMs over one shared vocabulary, as one teacher: ``prob_mean`` gives
+    log Σ w_i softmax(z_i) (the mean distribution), ``logit_mean`` Σ w_i z_i (the
+    geometric mean, renormalised by the softmax), as the classify family's ``Ensemble``.
+
+    The distillation loss applies it chunk by chunk (:meth:`combine` of each member's
+    head on its hidden states); ``forward`` gives whole logits (labelling, validation)."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float] | None, combine: str):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        w = torch.tensor(weights if weights is not None else [1.0] * len(members))
+        self.register_buffer("weights", w / w.sum(), persistent=False)
+        self.how = combine
+
+    def combine(self, logits: list[Tensor]) -> Tensor:
+        """The members' logits ``[(..., V)]`` → the ensemble's ``(..., V)``."""
+        z = torch.stack([x.float() for x in logits])  # (M, ..., V)
+        w = self.weights.to(z.device).view(-1, *([1] * (z.dim() - 1)))
+        if self.how == "logit_mean":
+            return (w * z).sum(0)
+        return torch.logsumexp(torch.log_softmax(z, -1) + w.log(), dim=0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_):
+        outs = [m(input_ids=input_ids, attention_mask=attention_mask).logits for m in self.members]
+        return SimpleNamespace(logits=self.combine(outs))

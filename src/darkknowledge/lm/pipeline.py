@@ -28,6 +28,7 @@ over the processes (FSDP2) instead of replicating it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from .data import (
     collate,
     encode_chat,
     read_jsonl,
+    read_keys,
     read_text,
 )
 from .losses import TokenLoss, chunked_head_loss
@@ -87,7 +89,8 @@ def _rows(b: LMBatch | None, p: Tensor) -> LMBatch | None:
     if b is None:
         return None
     ids = b.ids[p] if b.ids is not None else None
-    return LMBatch(b.input_ids[p], b.attention_mask[p], b.labels[p], ids)
+    kd_len = b.kd_len[p] if b.kd_len is not None else None
+    return LMBatch(b.input_ids[p], b.attention_mask[p], b.labels[p], ids, kd_len)
 
 
 def load_tokenizers(recipe: LMRecipe):
@@ -101,7 +104,16 @@ def load_tokenizers(recipe: LMRecipe):
         s_tok = t_tok = hfio.load_tokenizer(spec.path)
     else:
         s_tok = hfio.load_tokenizer(recipe.student.model.path)
-        t_tok = hfio.load_tokenizer(recipe.teacher.model.path) if _model_teacher(recipe) else None
+        t_tok = None
+        for i, m in enumerate(recipe.teacher_members()):
+            tok = hfio.load_tokenizer(m.model.path)
+            if t_tok is None:
+                t_tok = tok
+            elif tok.get_vocab() != t_tok.get_vocab():
+                raise DKError(
+                    f"teacher.members.{i}: its vocabulary differs from member 0's; an "
+                    "ensemble averages next-token distributions over one shared vocabulary"
+                )
     for tok in {id(s_tok): s_tok, id(t_tok): t_tok}.values():
         if tok is not None and tok.pad_token_id is None:
             tok.pad_token = tok.eos_token  # padding is masked; EOS is the usual stand-in
@@ -109,9 +121,31 @@ def load_tokenizers(recipe: LMRecipe):
 
 
 def _model_teacher(recipe: LMRecipe):
-    """The recipe's teacher model spec (None: no teacher, or a store)."""
-    t = recipe.teacher
-    return t if t is not None and getattr(t, "kind", "model") == "model" else None
+    """The recipe's teacher spec when it is a network (a model or an ensemble of them;
+    None: no teacher, or a store)."""
+    return recipe.teacher if recipe.teacher_members() else None
+
+
+def _member_folder(recipe: LMRecipe, out: Path, i: int) -> Path:
+    """Where teacher model ``i`` is trained: ``teacher/`` (one), ``teacher/member_i/``."""
+    if getattr(recipe.teacher, "kind", None) == "ensemble":
+        return out / "teacher" / f"member_{i}"
+    return out / "teacher"
+
+
+def _as_teacher(recipe: LMRecipe, models: list):
+    """One model, or the ensemble of the members (vocabulary sizes checked)."""
+    if getattr(recipe.teacher, "kind", None) != "ensemble":
+        return models[0]
+    sizes = [M.vocab_size(m) for m in models]
+    for i, v in enumerate(sizes):
+        if v != sizes[0]:
+            raise DKError(
+                f"teacher.members.{i}: {v} outputs, member 0 has {sizes[0]}; an ensemble "
+                "averages next-token distributions over one shared vocabulary"
+            )
+    tc = recipe.teacher
+    return M.LMEnsemble(models, tc.weights, tc.combine).eval()
 
 
 def build_model(spec, tok, seed: int):
@@ -175,6 +209,14 @@ class Data:
                 raise DKError(f"{d.train}: too few examples ({len(rows)}) to hold out a val part")
             rows, val_rows = rows[:-n_val], rows[-n_val:]
         self.max_length = d.max_length
+        # a store of sampled responses: each training row's key, then (open_token_store)
+        # its store example id and how many response positions the store covers
+        self.train_keys: list[tuple[str, int]] | None = None
+        self.store_rows: Tensor | None = None
+        self.store_len: Tensor | None = None
+        self.store_coverage = 1.0
+        if getattr(recipe.teacher, "kind", None) == "store":
+            self.train_keys = read_keys(d.train, d.id_key, d.sample_key)[: len(rows)]
 
         def enc(rs, where):
             s = encode_chat(rs, s_tok, d.max_length, where)
@@ -216,6 +258,8 @@ class Data:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
             idx = perm[k * batch_size : (k + 1) * batch_size].tolist()
             s = collate([self.train.student[i] for i in idx], self.s_pad)
+            if self.store_rows is not None:
+                s.ids, s.kd_len = self.store_rows[idx], self.store_len[idx]
             t = (
                 collate([self.train.teacher[i] for i in idx], self.t_pad)
                 if self.train.teacher is not None
@@ -264,6 +308,12 @@ def val_loss(
             break
         batch = batches[i] if i < len(batches) else batches[0]
         ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+        if isinstance(model, M.LMEnsemble):  # the combined logits, whole
+            valid = batch.valid.to(dev)
+            logits = model(ids, mask).logits[valid]
+            total += float(F.cross_entropy(logits, batch.labels.to(dev)[valid], reduction="sum"))
+            count += int(valid.sum())
+            continue
         h = root(ids, mask) if root is not None else M.final_hidden(model, ids, mask)
         if i >= len(batches):
             continue
@@ -360,7 +410,7 @@ class LMTask:
         else:
             self.net = HiddenStates(model)
         self.trained = model  # what the optimizer takes and the checkpoint holds
-        self.stat_names = ("on_policy",)
+        self.stat_names = ("on_policy", "kd", "ce")  # kd, ce: the loss's two terms
         self.steps_per_epoch = data.steps_per_epoch(cfg.batch_size, cfg.grad_accum)
         self.on_policy_steps, self.last_val = 0, float("nan")
         ls = dist.loss
@@ -437,11 +487,33 @@ class LMTask:
     def _stored_target(self, s: LMBatch, valid: Tensor):
         """The teacher's stored signals at the batch's labelled positions: dense logits
         (dense and head stores) or top-k ids, log-probs and tail mass, rows in the order
-        of the student's valid positions."""
+        of the student's valid positions; and which valid positions have one (None: all).
+
+        A store of sampled responses (chat rows, ``s.kd_len`` set) holds response
+        positions only: the k-th labelled position of a row is the store's position k,
+        for k below the row's ``kd_len`` (where the row's tokens still agree with the
+        sampled ones); later positions get no teacher signal."""
         from ..signals import Batch
 
         sig = self.store.signals(Batch(s.input_ids, None, s.ids))
         valid = valid.cpu()
+        have = None
+        if s.kd_len is not None:
+            k = valid.long().cumsum(1) - 1  # (B, T): the response position of each label
+            have = valid & (k < s.kd_len[:, None])  # (B, T)
+            t_store = sig.mask.shape[1]
+            b_idx, t_idx = have.nonzero(as_tuple=True)
+            at = (b_idx, k[b_idx, t_idx].clamp_max(t_store - 1))
+            sel = have[valid]  # (n,): which valid positions have a signal
+            have = sel if not bool(sel.all()) else None
+            ids = sig.topk_ids[at].to(self.dev)
+            lp = sig.topk_logprobs[at].to(self.dev)
+            tail = sig.tail_mass[at].to(self.dev)
+
+            def target(lo, hi):
+                return ids[lo:hi], lp[lo:hi], tail[lo:hi]
+
+            return target, have
         if sig.logits is not None:
             t = sig.logits[valid].to(self.dev)  # (n, V)
 
@@ -455,7 +527,7 @@ class LMTask:
             def target(lo, hi):
                 return ids[lo:hi], lp[lo:hi], tail[lo:hi]
 
-        return target
+        return target, None
 
     def plain_model(self):
         """The trained model, whole (on every process: collective under FSDP)."""
@@ -470,25 +542,35 @@ class LMTask:
             h = body(s.input_ids.to(dev), s.attention_mask.to(dev))
             valid = s.valid.to(dev)
             rows, labels = h[valid], s.labels.to(dev)[valid]
-            target = None
+            target, have = None, None
             if self.store is not None and spec.kd_weight > 0:
-                target = self._stored_target(s, valid)
+                target, have = self._stored_target(s, valid)
+                if have is not None:  # some positions have no stored signal: CE only there
+                    return self._split_loss(rows, labels, target, have.to(dev), spec, norm, parts)
             if self.teacher is not None and spec.kd_weight > 0:
                 tb = t if t is not None else s
-                t_body = self.teacher_root or HiddenStates(self.teacher)
-                with torch.no_grad():
-                    th = t_body(tb.input_ids.to(dev), tb.attention_mask.to(dev))
-                    th = th[tb.valid.to(dev)]
-                if th.shape[0] != rows.shape[0]:
-                    raise DKError(
-                        f"teacher and student batches have {th.shape[0]} and {rows.shape[0]} "
-                        "labelled positions; they must render the same response tokens"
-                    )
-                tw, tbias = M.head(self.teacher)
-
-                def target(lo, hi, th=th, tw=tw, tbias=tbias):
+                ens = self.teacher if isinstance(self.teacher, M.LMEnsemble) else None
+                models = list(ens.members) if ens is not None else [self.teacher]
+                ths, heads = [], []
+                for tm in models:
+                    t_body = self.teacher_root or HiddenStates(tm)
                     with torch.no_grad():
-                        return F.linear(th[lo:hi], tw, tbias)
+                        th = t_body(tb.input_ids.to(dev), tb.attention_mask.to(dev))
+                        ths.append(th[tb.valid.to(dev)])
+                    heads.append(M.head(tm))
+                if ths[0].shape[0] != rows.shape[0]:
+                    raise DKError(
+                        f"teacher and student batches have {ths[0].shape[0]} and "
+                        f"{rows.shape[0]} labelled positions; they must render the same "
+                        "response tokens"
+                    )
+
+                def target(lo, hi, ths=ths, heads=heads, ens=ens):
+                    with torch.no_grad():
+                        z = [
+                            F.linear(th[lo:hi], w, b) for th, (w, b) in zip(ths, heads, strict=True)
+                        ]
+                        return z[0] if ens is None else ens.combine(z)
 
             loss = chunked_head_loss(
                 rows,
@@ -502,6 +584,28 @@ class LMTask:
             )
         if target is not None and self.teacher_root is not None:
             self.teacher_root.reshard()  # the sharded teacher's head was only needed here
+        return loss
+
+    def _split_loss(self, rows, labels, target, have, spec: TokenLoss, norm, parts) -> Tensor:
+        """KD + CE on the positions with a stored signal, CE alone on the others."""
+        head = M.head(self.model)
+        kd_parts: dict = {}
+        loss = chunked_head_loss(
+            rows[have], *head, spec, labels=labels[have], teacher=target,
+            normalizer=norm, chunk=self.dist.chunk, parts=kd_parts,
+        )  # fmt: skip
+        ce_parts = {"ce": 0.0, "tokens": 0}
+        if spec.ce_weight > 0 and bool((~have).any()):
+            ce_spec = dataclasses.replace(spec, kd_weight=0.0)
+            loss = loss + chunked_head_loss(
+                rows[~have], *head, ce_spec, labels=labels[~have],
+                normalizer=norm, chunk=self.dist.chunk, parts=ce_parts,
+            )  # fmt: skip
+        parts.update(
+            kd=kd_parts.get("kd", 0.0),
+            ce=kd_parts.get("ce", 0.0) + ce_parts["ce"],
+            tokens=kd_parts.get("tokens", 0) + ce_parts["tokens"],
+        )
         return loss
 
     # ---- the engine's Task: micro-batches, forward, evaluation, state
@@ -519,8 +623,10 @@ class LMTask:
 
     def forward(self, mb) -> tuple[Tensor, dict]:
         s, t, spec, norm = mb
-        loss = self._micro_loss(s, t, spec, norm, {})
-        return loss, {"on_policy": self._on_policy}
+        parts: dict = {}
+        loss = self._micro_loss(s, t, spec, norm, parts)
+        kd, ce = parts.get("kd", 0.0) * spec.kd_weight, parts.get("ce", 0.0) * spec.ce_weight
+        return loss, {"on_policy": self._on_policy, "kd": kd, "ce": ce}
 
     def evaluate(self, step: int) -> dict:
         self.last_val = self._val_loss()
@@ -573,16 +679,33 @@ def _finish(model, tok, result: dict, folder: Path) -> dict:
 
 
 def teacher_phase(recipe: LMRecipe, tok, data: Data, out: Path, resume: bool):
-    """A teacher trained here once (plain CE), or loaded when already trained."""
-    tc = recipe.teacher
+    """The teacher: each model trained here once (plain CE) or loaded when already
+    trained (or given as a folder); an ensemble's members combined."""
+    models, infos = [], []
+    members = recipe.teacher_members()
+    for i, tc in enumerate(members):
+        if tc.train is None:
+            models.append(build_model(tc.model, tok, 0).eval())
+            infos.append({"source": str(tc.model.path)})
+            continue
+        desc = "teacher" if len(members) == 1 else f"teacher member {i}"
+        m, res = _train_teacher(tc, tok, data, _member_folder(recipe, out, i), resume, desc)
+        models.append(m)
+        infos.append(res)
+    teacher = _as_teacher(recipe, models)
+    if len(models) == 1:
+        return teacher, infos[0]
+    return teacher, {"members": infos, "combine": recipe.teacher.combine}
+
+
+def _train_teacher(tc, tok, data: Data, folder: Path, resume: bool, desc: str):
     dev = ddist.default_device()
-    folder = out / "teacher"
     done = folder / "result.json"
     if done.exists():
         model = hfio.load_model(folder / "model", "AutoModelForCausalLM").to(dev).eval()
         return model, json.loads(done.read_text())
     model = build_model(tc.model, tok, tc.train.seed).to(dev)
-    tr = LMTask(model, tok, data, tc.train, DistillSpec(mode="none"), folder, desc="teacher")
+    tr = LMTask(model, tok, data, tc.train, DistillSpec(mode="none"), folder, desc=desc)
     res = tr.fit(resume)
     model = tr.plain_model().to(dev)  # whole on every process (it was sharded under FSDP)
     res = ddist.on_main(_finish, model, tok, res, folder)
@@ -658,10 +781,9 @@ def check_processes(recipe: LMRecipe) -> None:
         )
     if st.world == 1:
         return
-    for name, tr in (
-        ("train", recipe.train),
-        ("teacher.train", getattr(recipe.teacher, "train", None)),
-    ):
+    trains = [("train", recipe.train)]
+    trains += [(f"teacher.{w}train", m.train) for w, m in recipe._member_names()]
+    for name, tr in trains:
         if tr is not None and tr.batch_size < st.world:
             raise DKError(
                 f"{name}.batch_size ({tr.batch_size}) is smaller than the number of "
@@ -687,12 +809,12 @@ def run_lm_recipe(
     teacher, t_info, probe_t = None, {}, None
     store = open_token_store(recipe, data, s_tok) if _is_store(recipe) else None
     if _model_teacher(recipe) is not None:
-        if recipe.teacher.train is None:
-            teacher = build_model(recipe.teacher.model, t_tok, 0).eval()
-            t_info = {"source": str(recipe.teacher.model.path)}
-            probe_t = teacher
+        members = recipe.teacher_members()
+        if all(m.train is None for m in members):
+            teacher, t_info = teacher_phase(recipe, t_tok, data, out, resume)
+            probe_t = teacher if len(members) == 1 else teacher.members[0]
         else:
-            probe_t = build_model(recipe.teacher.model, t_tok, 0)
+            probe_t = build_model(members[0].model, t_tok, 0)
     probe_s = build_model(recipe.student.model, s_tok, 0)
     info = ddist.on_main(
         _preflight,
@@ -712,6 +834,8 @@ def run_lm_recipe(
         teacher, t_info = teacher_phase(recipe, t_tok, data, out, resume)
     if store is not None:
         t_info = {"store": str(recipe.teacher.path), "signal": store.store.signal}
+        if data.chat:  # the share of response tokens with a stored teacher signal
+            t_info["coverage"] = round(data.store_coverage, 4)
     report: dict = {"name": recipe.name, "mode": recipe.distill.mode, "preflight": info}
     if teacher is not None:
         for p in teacher.parameters():
@@ -724,7 +848,8 @@ def run_lm_recipe(
         report["teacher"] = t_info
     use_teacher = teacher if recipe.distill.mode in ("token", "gkd") else None
     root = None
-    if use_teacher is not None and recipe.teacher.placement == "shard" and ddist.state().world > 1:
+    placement = getattr(recipe.teacher, "placement", "replicate")
+    if use_teacher is not None and placement == "shard" and ddist.state().world > 1:
         # each process keeps 1/N of the teacher; fully_shard moves the shards to its device
         root = ddist.shard_for_inference(HiddenStates(teacher), ddist.blocks_of(teacher))
         report["teacher"]["placement"] = "shard"
@@ -747,8 +872,20 @@ def run_lm_recipe(
         "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
         "n": len(vals),
     }
+    if recipe.eval.sampled is not None:  # dk eval of the students, into the report
+        report["eval"] = ddist.on_main(_sampled_eval, recipe.eval.sampled, out)
     ddist.on_main((out / "report.json").write_text, json.dumps(report, indent=2))
     return format_report(report, out)
+
+
+def _sampled_eval(ev, out: Path) -> dict:
+    from ..blackbox.evaluate import eval_models
+
+    return eval_models(
+        out, ev.data, verifier=ev.verifier, verifier_params=ev.verifier_params, k=ev.k,
+        temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, prompt_key=ev.prompt_key,
+        answer_key=ev.answer_key, template=ev.template, limit=ev.limit, seed=ev.seed,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- stores
@@ -778,6 +915,8 @@ def open_token_store(recipe: LMRecipe, data: Data, tok):
     from ..teachers import StoreTeacher
 
     tc = recipe.teacher
+    if data.chat:
+        return _open_response_store(recipe, data, tok)
     x, ids, _ = _token_blocks(data)
     expect = {
         "data": tensor_digest(x),
@@ -801,6 +940,74 @@ def open_token_store(recipe: LMRecipe, data: Data, tok):
                 f"teacher.path {tc.path}: fingerprint field 'temperature' differs: the top-k "
                 f"store was labelled at {st.temperature:g}, distill.loss.temperature is {t:g}"
             )
+    return teacher
+
+
+def _open_response_store(recipe: LMRecipe, data: Data, tok):
+    """A store of sampled responses (``dk store from-api``) joined to the chat rows.
+
+    Each training row's (prompt id, sample) key names its store example; the row's
+    response tokens (this tokenizer, this chat template) are compared with the sampled
+    ones the store keeps, and KD covers the leading positions where they agree (the
+    teacher's distribution there was conditioned on the same text); the rest of a row
+    (a chat template's end-of-turn tokens, a re-tokenised tail) trains with CE only."""
+    from ..store.fingerprint import json_digest
+    from ..teachers import StoreTeacher
+
+    tc = recipe.teacher
+    where = f"teacher.path {tc.path}"
+    teacher = StoreTeacher(tc.path)
+    st = teacher.store
+    st.check({"tokenizer": json_digest(tok.get_vocab()), **tc.expect}, where)
+    if st.keys is None or st.inputs is None:
+        raise DKError(
+            f"{where}: the store has no (prompt id, sample) keys, so chat rows cannot be "
+            "joined to it: on chat data use a store from `dk store from-api` (a `dk label` "
+            "store serves text data with data.sampling: blocks)"
+        )
+    if st.signal != "topk" or st.vocab != len(tok):
+        raise DKError(
+            f"{where}: the store holds {st.vocab}-way {st.signal} signals but the "
+            f"student's tokenizer has {len(tok)} tokens"
+        )
+    t = recipe.distill.loss.temperature
+    if abs(t - st.temperature) > 1e-9:
+        raise DKError(
+            f"{where}: fingerprint field 'temperature' differs: the store holds log-probs "
+            f"at {st.temperature:g}, distill.loss.temperature is {t:g}"
+        )
+    by_key = dict(zip(st.keys, st.input_ids.tolist(), strict=True))
+    row_of = {int(e): i for i, e in enumerate(st.input_ids.tolist())}
+    d = recipe.data
+    rows, lens = [], []
+    for i, key in enumerate(data.train_keys):
+        if key not in by_key:
+            raise DKError(
+                f"{d.train}: training row {i + 1} (id {key[0]!r}, sample {key[1]}) is not in "
+                f"the store {tc.path}; convert the same `dk generate` results it came from"
+            )
+        rows.append(by_key[key])
+    stored = st.inputs
+    n_stored = st.lengths(torch.tensor(rows)).tolist()
+    covered = total = 0
+    for i, ex in enumerate(data.train.student):
+        resp = ex.ids[ex.n_prompt :]
+        sampled = stored[row_of[rows[i]], : n_stored[i]].tolist()
+        n = 0
+        for a, b in zip(resp, sampled, strict=False):
+            if a != b:
+                break
+            n += 1
+        lens.append(n)
+        covered, total = covered + n, total + len(resp)
+    if covered == 0:
+        raise DKError(
+            f"{where}: no response token of the chat rows agrees with the sampled tokens the "
+            "store holds; the store is for other text or another tokenizer"
+        )
+    data.store_rows = torch.tensor(rows, dtype=torch.long)
+    data.store_len = torch.tensor(lens, dtype=torch.long)
+    data.store_coverage = covered / max(total, 1)
     return teacher
 
 
@@ -843,12 +1050,9 @@ def label_lm_recipe(recipe: LMRecipe, out: str | Path, force: bool = False):
         "data": dumped["data"],
         "tokenizer": dumped["tokenizer"],
     }
-    trains = recipe.teacher.train is not None
+    trains = any(m.train is not None for m in recipe.teacher_members())
     ddist.on_main(prepare_label_folder, out, record, force, trains)
-    if recipe.teacher.train is None:
-        teacher = build_model(recipe.teacher.model, t_tok, 0).eval()
-    else:
-        teacher, _ = teacher_phase(recipe, t_tok, data, out, resume=True)
+    teacher, _ = teacher_phase(recipe, t_tok, data, out, resume=True)
     teacher = teacher.to("cpu").eval()
     lc = recipe.label or LabelConfig()
     spec = LabelSpec(
@@ -893,4 +1097,8 @@ def format_report(report: dict, out: Path) -> str:
     sv = report["student_val_loss"]
     if sv["n"] > 1:
         lines.append(f"  student mean {sv['mean']:.4f} ± {sv['sd']:.4f} (sd, n={sv['n']})")
+    if "eval" in report:
+        from ..blackbox.evaluate import format_eval
+
+        lines += ["", *format_eval(report["eval"]).splitlines()]
     return "\n".join(lines)

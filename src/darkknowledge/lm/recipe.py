@@ -97,6 +97,10 @@ class ChatData(Strict):
     prompt_key: str = "prompt"
     response_key: str = "response"
     max_length: PosInt = 512
+    # with teacher.kind store (a `dk store from-api` store): the fields that name each
+    # row's prompt id and sample index (``dk generate``'s sft.jsonl has both)
+    id_key: str = "id"
+    sample_key: str = "sample"
 
 
 DataSpec = Annotated[TextData | ChatData, Field(discriminator="kind")]
@@ -162,9 +166,36 @@ class TeacherSpec(Strict):
         return self
 
 
+class EnsembleTeacherSpec(Strict):
+    """Several causal LMs over one vocabulary as one teacher (each a ``model`` teacher,
+    trained here first when it has ``train:``); their next-token distributions are
+    averaged (``prob_mean``) or their logits (``logit_mean``), with optional weights."""
+
+    kind: Literal["ensemble"]
+    members: Annotated[list[TeacherSpec], Field(min_length=2)]
+    combine: Literal["prob_mean", "logit_mean"] = "prob_mean"
+    weights: list[PosFloat] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.weights is not None and len(self.weights) != len(self.members):
+            raise ValueError(
+                f"weights: {len(self.weights)} weights for {len(self.members)} members"
+            )
+        for i, m in enumerate(self.members):
+            if m.placement != "replicate":
+                raise ValueError(f"members.{i}.placement: an ensemble's members are replicated")
+        return self
+
+    @property
+    def placement(self) -> str:
+        return "replicate"
+
+
 class StoreTeacherSpec(Strict):
-    """Token signals written once by ``dk label`` on a causal_lm recipe (the fixed blocks
-    of the same text and tokenizer; fingerprint-checked)."""
+    """Token signals written once: by ``dk label`` on a causal_lm recipe (the fixed blocks
+    of the same text and tokenizer; fingerprint-checked), or by ``dk store from-api`` from
+    an API teacher's top log-probs (on chat data: rows joined by prompt id and sample)."""
 
     kind: Literal["store"]
     path: ExistingPath
@@ -215,7 +246,10 @@ class LMRecipe(Strict):
     seed: Seed = 0
     data: DataSpec
     tokenizer: TokenizerSpec | None = None
-    teacher: Annotated[TeacherSpec | StoreTeacherSpec, Field(discriminator="kind")] | None = None
+    teacher: (
+        Annotated[TeacherSpec | EnsembleTeacherSpec | StoreTeacherSpec, Field(discriminator="kind")]
+        | None
+    ) = None
     student: StudentSpec
     train: TrainConfig = TrainConfig(**TRAIN_DEFAULTS, epochs=None)
     distill: DistillSpec = DistillSpec(mode="none")
@@ -232,26 +266,51 @@ class LMRecipe(Strict):
             data["teacher"] = {"kind": "model", **data["teacher"]}
         data["train"] = with_defaults(data.get("train"), TRAIN_DEFAULTS)
         t = data.get("teacher")
+        if isinstance(t, dict) and t.get("kind") == "api":
+            raise ValueError(
+                "teacher.kind 'api': an API teacher reaches a causal_lm recipe through its "
+                "answers: `dk generate` (sft.jsonl as chat data: sequence-level KD), then "
+                "`dk store from-api` for its top log-probs (teacher: {kind: store})"
+            )
         if isinstance(t, dict) and t.get("train") is not None:
             data["teacher"] = {**t, "train": with_defaults(t["train"], TRAIN_DEFAULTS)}
+        if isinstance(t, dict) and isinstance(t.get("members"), list):
+            data["teacher"] = {**t, "members": [
+                {**m, "train": with_defaults(m["train"], TRAIN_DEFAULTS)}
+                if isinstance(m, dict) and m.get("train") is not None else m
+                for m in t["members"]
+            ]}  # fmt: skip
         return data
+
+    def _member_names(self) -> list[tuple[str, TeacherSpec]]:
+        """(key prefix, spec) of each teacher model: ``""`` or ``"members.i."``."""
+        if isinstance(self.teacher, EnsembleTeacherSpec):
+            return [(f"members.{i}.", m) for i, m in enumerate(self.teacher.members)]
+        return [("", m) for m in self.teacher_members()]
+
+    def teacher_members(self) -> list[TeacherSpec]:
+        """The teacher models: one, an ensemble's members, or none (no teacher, a store)."""
+        if isinstance(self.teacher, TeacherSpec):
+            return [self.teacher]
+        if isinstance(self.teacher, EnsembleTeacherSpec):
+            return list(self.teacher.members)
+        return []
 
     @model_validator(mode="after")
     def _consistent(self):
-        for where, tr in (
-            ("train", self.train),
-            ("teacher.train", getattr(self.teacher, "train", None)),
-        ):
+        trains = [("train", self.train)]
+        trains += [(f"teacher.{w}train", m.train) for w, m in self._member_names()]
+        for where, tr in trains:
             if tr is not None and tr.augment != "none":
                 raise ValueError(
                     f"{where}.augment: image augmentation does not apply to language models; remove it"
                 )
         mode = self.distill.mode
         if isinstance(self.teacher, StoreTeacherSpec):
-            if not isinstance(self.data, TextData) or self.data.sampling != "blocks":
+            if isinstance(self.data, TextData) and self.data.sampling != "blocks":
                 raise ValueError(
                     "teacher.kind store: a store holds the fixed blocks it labelled; set "
-                    "data.kind: text with data.sampling: blocks (as when it was labelled)"
+                    "data.sampling: blocks (as when it was labelled)"
                 )
             if mode != "token":
                 raise ValueError(
@@ -263,10 +322,14 @@ class LMRecipe(Strict):
         if self.tokenizer is not None and self.tokenizer.kind == "char":
             if not isinstance(self.data, TextData):
                 raise ValueError("tokenizer kind 'char' needs text data (data.kind: text)")
-        t_model = getattr(self.teacher, "model", None)
-        models = [self.student.model] + ([t_model] if t_model is not None else [])
+        models = [self.student.model] + [m.model for m in self.teacher_members()]
         if self.tokenizer is None and any(isinstance(m, TinyModel) for m in models):
             raise ValueError("a tiny model needs a tokenizer: section (char or path)")
+        if isinstance(self.teacher, EnsembleTeacherSpec) and mode == "seqkd":
+            raise ValueError(
+                "distill.mode 'seqkd' samples text from one teacher model; an ensemble "
+                "teaches through its distributions (mode token or gkd)"
+            )
         if mode == "gkd" and not isinstance(self.data, TextData):
             raise ValueError("distill.mode 'gkd' runs on text data in this version")
         if mode == "seqkd" and not isinstance(self.data, TextData):

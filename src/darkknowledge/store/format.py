@@ -47,6 +47,7 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 PRIOR = "prior.safetensors"  # top-k stores: the tail prior, (V,) log-probabilities
 HEAD = "head.safetensors"  # head stores: the teacher's output layer (weight (V, H), bias)
+INPUTS = "inputs.safetensors"  # stores of sampled responses: token ids (N, T), example ids
 
 # Storage dtypes of the float signals. "q8": log-probabilities quantised to 8 bits
 # (uint8 code c ↦ −c·Q8_STEP nats; 0 … −25.5 nats), top-k only.

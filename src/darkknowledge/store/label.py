@@ -30,6 +30,7 @@ from .format import (
     FLOAT_DTYPES,
     FORMAT,
     HEAD,
+    INPUTS,
     MANIFEST,
     PRIOR,
     SHARDS,
@@ -146,6 +147,8 @@ def label(
     tokenizer: str | None = None,
     describe: dict | None = None,
     recipe: dict | None = None,
+    keys: list[tuple[str, int]] | None = None,
+    store_inputs: bool = False,
     force: bool = False,
     progress: bool = True,
 ) -> SignalStore:
@@ -157,6 +160,9 @@ def label(
     :func:`~darkknowledge.store.fingerprint.files_digest`) enter the fingerprint.
     ``recipe`` (``dk label``: the recipe's teacher and data sections) is kept in the
     manifest, so that a later ``dk label`` into the same folder can compare it.
+    ``store_inputs`` (token sequences): keep ``x`` and ``ids`` once, in ``inputs.safetensors``
+    (a store of sampled responses needs its tokens to join them to training data);
+    ``keys``: each example's (prompt id, sample index), in the order of ``x``.
     An interrupted call is continued by calling it again with the same arguments.
     """
     spec = spec or LabelSpec()
@@ -206,6 +212,10 @@ def label(
     }
     if recipe is not None:
         head["recipe"] = recipe
+    if keys is not None:
+        if not store_inputs or len(keys) != n:
+            raise DKError("label: keys need store_inputs and one key per example")
+        head["keys"] = [[str(a), int(b)] for a, b in keys]
     shard_dir = out / SHARDS
     # process 0 checks and prepares the folder; under a launcher the others wait for it
     if dist.on_main(_prepare, out, head, layout, force):
@@ -253,7 +263,8 @@ def label(
     bar.close()
     dist.barrier()  # every shard is on disk
     positions = int(mask.sum()) if mask is not None else n
-    dist.on_main(_finish, out, head, spec, n, n_shards, positions, head_mod)
+    inputs = (x, ids) if store_inputs else None
+    dist.on_main(_finish, out, head, spec, n, n_shards, positions, head_mod, inputs)
     return SignalStore(out)
 
 
@@ -298,6 +309,7 @@ def _finish(
     n_shards: int,
     positions: int,
     head_mod: nn.Linear | None = None,
+    inputs: tuple[Tensor, Tensor] | None = None,
 ):
     """The complete manifest: every shard's size and SHA-256."""
     shard_dir = out / SHARDS
@@ -331,6 +343,10 @@ def _finish(
             "bytes": f.stat().st_size,
             "sha256": _hashed(f),
         }
+    if inputs is not None:  # the token ids, once (int32) with their example ids
+        f = out / INPUTS
+        write_shard(f, {"input_ids": inputs[0].to(torch.int32), "example_ids": inputs[1].long()})
+        prior["inputs"] = {"file": f.name, "bytes": f.stat().st_size, "sha256": _hashed(f)}
     hidden_dims = {}
     if spec.hidden:
         header, _ = read_header(shard_dir / shard_name(0))

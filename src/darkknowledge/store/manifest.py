@@ -134,6 +134,10 @@ class Manifest(_Strict):
     spec: SpecRecord | None = None
     tail_prior: FileEntry | None = None
     head: HeadEntry | None = None
+    # a store of sampled responses (``dk store from-api``): each example's key, the prompt
+    # id and sample index it joins to, in example-id order; and its token ids, once
+    keys: list[Annotated[list[str | int], Field(min_length=2, max_length=2)]] | None = None
+    inputs: FileEntry | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -173,6 +177,18 @@ def _agree(m: Manifest) -> None:
             raise ValueError(f"{key}: missing (a complete store has it)")
     if m.signal == "head" and m.head is None:
         raise ValueError("head: missing (a head store keeps its output layer)")
+    if m.keys is not None:
+        if len(m.keys) != m.num_examples:
+            raise ValueError(f"keys: {len(m.keys)} keys for {m.num_examples} examples")
+        for k in m.keys:
+            if not (isinstance(k[0], str) and len(k[0]) <= 1000) or not (
+                isinstance(k[1], int) and not isinstance(k[1], bool) and k[1] >= 0
+            ):
+                raise ValueError(f"keys: {k!r} is not a [prompt id, sample index ≥ 0] pair")
+        if len({tuple(k) for k in m.keys}) != len(m.keys):
+            raise ValueError("keys: a (prompt id, sample) key is given twice")
+        if m.task != "sequence" or m.inputs is None:
+            raise ValueError("keys: only a sequence store with its inputs has keys")
     if m.signal != "head" and m.head is not None:
         raise ValueError(f"head: set on a {m.signal} store (head stores only)")
     if m.head is not None:

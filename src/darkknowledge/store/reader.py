@@ -127,6 +127,19 @@ class SignalStore:
             t = self._side_file(spec.head, "output layer", want)
             self.head_weight = to_torch(t["weight"]).float()
             self.head_bias = to_torch(t["bias"]).float() if "bias" in t else None
+        # a store of sampled responses: each example's tokens and (prompt id, sample) key
+        self.inputs: Tensor | None = None  # (N, T), rows in the order of ``self.input_ids``
+        self.input_ids: Tensor | None = None  # (N,) their example ids
+        self.keys: list[tuple[str, int]] | None = None
+        if spec.inputs is not None:
+            want = {"input_ids": (("I32",), (len(self.ids), seq_len)),
+                    "example_ids": (("I64",), (len(self.ids),))}  # fmt: skip
+            t = self._side_file(spec.inputs, "token ids", want)
+            self.inputs = to_torch(t["input_ids"]).long()
+            self.input_ids = to_torch(t["example_ids"]).long()
+            if not torch.equal(torch.sort(self.input_ids).values, self._sorted):
+                raise DKError(f"{self.path}: the store's token ids are for other examples")
+            self.keys = [(str(a), int(b)) for a, b in spec.keys] if spec.keys else None
         self._tables: dict[str, Tensor] | None = None
         if self.nbytes <= preload_bytes:
             if verify:  # every shard is read now: each is checked first
@@ -170,7 +183,9 @@ class SignalStore:
     @property
     def nbytes(self) -> int:
         """Bytes on disk: the shards plus the tail prior or the output layer, if any."""
-        once = sum((self.manifest.get(k) or {}).get("bytes", 0) for k in ("tail_prior", "head"))
+        once = sum(
+            (self.manifest.get(k) or {}).get("bytes", 0) for k in ("tail_prior", "head", "inputs")
+        )
         return sum(s["bytes"] for s in self.manifest["shards"]) + once
 
     @property
@@ -192,6 +207,10 @@ class SignalStore:
             bad = ids[self._sorted[at] != ids] if len(self._sorted) else ids
             raise KeyError(f"{self.path}: example id {int(bad[0])} is not in the store")
         return self._order[at]
+
+    def lengths(self, ids: Tensor) -> Tensor:
+        """A sequence store's valid positions per example ``ids (B,)``: ``(B,)``."""
+        return self._gather("mask", self.rows_of(ids)).bool().sum(-1)
 
     def _gather(self, field: str, rows: Tensor) -> Tensor:
         if self._tables is not None:
