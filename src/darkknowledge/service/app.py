@@ -16,6 +16,7 @@ from . import datasets as ds_mod
 from . import jobs
 from .db import STATES, Dataset, Job, init_db, make_engine, session_factory
 from .deps import DB, Caller, DatasetDep, JobDep, SettingsDep
+from .limits import BodyLimit, BodyStats
 from .schemas import (
     ArtifactPublic,
     DatasetPublic,
@@ -240,6 +241,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
+    app.state.body_stats = BodyStats()
+    app.add_middleware(BodyLimit, settings=settings, stats=app.state.body_stats)
     app.include_router(api)
     app.include_router(pages)
     app.add_exception_handler(DKError, _message(422))
