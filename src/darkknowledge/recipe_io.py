@@ -112,8 +112,9 @@ def parse_yaml(text: str, source: str):
     """``text`` parsed as YAML under the bounds above, or one-line :class:`DKError`."""
     if len(text) > MAX_RECIPE_BYTES:
         raise DKError(f"{source}: larger than {MAX_RECIPE_BYTES >> 20} MB; a recipe is small")
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # reading: refuses control characters
         node = loader.get_single_node()
         if node is None:
             return None
@@ -127,7 +128,8 @@ def parse_yaml(text: str, source: str):
     except RecursionError:  # pragma: no cover - the depth bound comes first
         raise DKError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _one_line(text: str) -> str:
