@@ -12,6 +12,128 @@ from pydantic import ValidationError
 
 from .config import Recipe
 from .errors import DKError
+from .jsonl import too_deep
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe file (or a recipe submitted to the service)
+MAX_DEPTH = 64  # nesting levels of a recipe, aliases expanded
+MAX_NODES = 100_000  # values a recipe holds once its aliases are expanded
+MAX_OVERRIDE_CHARS = 65_536  # one key.sub=value override
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses what a recipe never needs and a hostile file uses:
+    nesting deeper than :data:`MAX_DEPTH` (checked while composing, before Python's
+    recursion limit), aliases that expand to more than :data:`MAX_NODES` values (an
+    anchor bomb) or into themselves, and a key written twice in one mapping."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the constructor names it below
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"duplicate key {key!r} (first at line {first.line + 1})",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_graph(root) -> None:
+    """Depth and size of the composed document with every alias expanded (memoised, so
+    an anchor bomb costs its distinct nodes, not its expansion)."""
+    size: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        kids = _children(node)
+        if not done:
+            if id(node) in open_:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias refers to the collection that holds it", node.start_mark
+                )
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in size)
+            continue
+        open_.discard(id(node))
+        n = 1 + sum(size[id(k)][0] for k in kids)
+        d = 1 + max((size[id(k)][1] for k in kids), default=0)
+        if d > MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels (aliases expanded)",
+                node.start_mark,
+            )  # fmt: skip
+        if n > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand to more than {MAX_NODES} values", node.start_mark
+            )
+        size[id(node)] = (n, d)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for pair in node.value for x in pair]
+    return []
+
+
+def parse_yaml(text: str, source: str):
+    """``text`` parsed as YAML under the bounds above, or one-line :class:`DKError`."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise DKError(f"{source}: larger than {MAX_RECIPE_BYTES >> 20} MB; a recipe is small")
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # reading: refuses control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_graph(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
+        raise DKError(f"{source}: malformed YAML{where}: {_one_line(problem)}") from None
+    except RecursionError:  # pragma: no cover - the depth bound comes first
+        raise DKError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -21,18 +143,19 @@ def read_yaml(path: str | Path) -> dict:
     if path.is_dir():
         raise DKError(f"{path}: is a folder, not a recipe file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DKError(f"{path}: not a text file (expected a YAML recipe)") from None
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise DKError(f"{path}: larger than {MAX_RECIPE_BYTES >> 20} MB; a recipe is small")
+        raw = path.read_bytes()[: MAX_RECIPE_BYTES + 1]
     except OSError as e:
         raise DKError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise DKError(f"{path}: malformed YAML{where}: {problem}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DKError(
+            f"{path}: line {line}: not a text file (not UTF-8; expected a YAML recipe)"
+        ) from None
+    data = parse_yaml(text, str(path))
     if data is None:
         raise DKError(f"{path}: the recipe is empty; it needs at least 'data:' and 'student:'")
     if not isinstance(data, dict):
@@ -50,6 +173,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
     data = copy.deepcopy(data)
     for ov in overrides:
+        if len(ov) > MAX_OVERRIDE_CHARS:
+            raise DKError(f"override {ov[:40]!r}...: longer than {MAX_OVERRIDE_CHARS} characters")
         if "=" not in ov:
             raise DKError(f"override {ov!r}: expected key.sub=value (e.g. train.epochs=5)")
         key, _, raw = ov.partition("=")
@@ -58,10 +183,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise DKError(
                 f"override {ov!r}: bad key {key!r}; use dotted names like loss.hinton_kd.alpha"
             )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise DKError(f"override {ov!r}: the value is not valid YAML") from None
+        if len(parts) > MAX_DEPTH:
+            raise DKError(f"override {_short(ov)}: a key deeper than {MAX_DEPTH} levels")
+        if not raw.strip():
+            value = None
+        else:
+            value = parse_yaml(raw, f"override {_short(ov)}: the value")
         node: Any = data
         for i, p in enumerate(parts[:-1]):
             here = ".".join(parts[: i + 1])
@@ -81,7 +208,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node[last] = value
         else:
             raise DKError(f"override {ov!r}: {'.'.join(parts[:-1])} is a value, not a section")
+        if too_deep(data, MAX_DEPTH):
+            raise DKError(f"override {_short(ov)}: the recipe nests deeper than {MAX_DEPTH} levels")
     return data
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text) if len(text) <= n else repr(text[:n]) + "..."
 
 
 def _list_index(node: list, p: str, here: str, ov: str) -> int:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import DKError
+from ..jsonl import iter_lines, loads
 from .budget import Budget, BudgetExhausted
 from .cache import RequestCache
 from .client import ApiClient, RetryPolicy, TeacherRejected, TeacherUnavailable
@@ -43,34 +44,31 @@ def load_prompts(rec: GenerateRecipe, base_dir: Path | None = None) -> list[dict
     if not path.exists():
         raise DKError(f"prompts.path: {path}: no such file")
     out, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            if i < p.offset:
-                continue
-            if p.limit is not None and len(out) >= p.limit:
-                break
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DKError(f"{path}:{i + 1}: not a JSON line") from None
-            if not isinstance(row, dict) or p.prompt_field not in row:
-                raise DKError(f"{path}:{i + 1}: no field {p.prompt_field!r} (prompts.prompt_field)")
-            if p.answer_field and p.answer_field not in row:
-                raise DKError(f"{path}:{i + 1}: no field {p.answer_field!r} (prompts.answer_field)")
-            pid = str(row[p.id_field]) if p.id_field else str(i)
-            if p.id_field and p.id_field not in row:
-                raise DKError(f"{path}:{i + 1}: no field {p.id_field!r} (prompts.id_field)")
-            if pid in seen:
-                raise DKError(f"{path}:{i + 1}: duplicate id {pid!r}")
-            seen.add(pid)
-            try:
-                text = p.template.format_map(_Fmt(row))
-            except (ValueError, IndexError) as e:
-                raise DKError(f"prompts.template: {e}") from None
-            ref = str(row[p.answer_field]) if p.answer_field else ""
-            out.append({"id": pid, "prompt": text, "reference": ref})
+    for n, line in iter_lines(path):
+        i = n - 1
+        if not line.strip():
+            continue
+        if i < p.offset:
+            continue
+        if p.limit is not None and len(out) >= p.limit:
+            break
+        row = loads(line, f"{path}:{n}")
+        if not isinstance(row, dict) or p.prompt_field not in row:
+            raise DKError(f"{path}:{i + 1}: no field {p.prompt_field!r} (prompts.prompt_field)")
+        if p.answer_field and p.answer_field not in row:
+            raise DKError(f"{path}:{i + 1}: no field {p.answer_field!r} (prompts.answer_field)")
+        if p.id_field and p.id_field not in row:
+            raise DKError(f"{path}:{i + 1}: no field {p.id_field!r} (prompts.id_field)")
+        pid = str(row[p.id_field]) if p.id_field else str(i)
+        if pid in seen:
+            raise DKError(f"{path}:{i + 1}: duplicate id {pid!r}")
+        seen.add(pid)
+        try:
+            text = p.template.format_map(_Fmt(row))
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+            raise DKError(f"prompts.template: {' '.join(str(e).split())}") from None
+        ref = str(row[p.answer_field]) if p.answer_field else ""
+        out.append({"id": pid, "prompt": text, "reference": ref})
     if not out:
         raise DKError(f"prompts.path: {path}: no prompts (check offset/limit)")
     return out

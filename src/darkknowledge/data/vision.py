@@ -5,6 +5,7 @@ lives in memory as tensors."""
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DKError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    need = int(np.prod(shape)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize  # exact: no int64 overflow on forged sizes
     if len(raw) - header != need:
         raise DKError(
             f"{path}: IDX header says {shape} ({need} bytes) but the file holds "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DKError
-from ..jsonl import iter_objects
+from ..jsonl import iter_lines, iter_objects
 
 TEXT_KEYS = ("sentence", "text")
 
@@ -77,8 +77,10 @@ def read_split(
     texts: list[str] = []
     labels: list[int] = []
     if path.suffix == ".tsv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(
+            (line for _, line in iter_lines(path)), delimiter="\t", quoting=csv.QUOTE_NONE
+        )
+        try:
             header = next(reader, None)
             if not header:
                 raise DKError(f"{path}: empty file (expected a header row)")
@@ -88,7 +90,8 @@ def read_split(
                 if label_key not in header:
                     raise DKError(f"{path}: no column {label_key!r} (columns: {', '.join(header)})")
                 lk = header.index(label_key)
-            for n, row in enumerate(reader, start=2):
+            for row in reader:
+                n = reader.line_num
                 if not row:
                     continue
                 if len(row) != len(header):
@@ -96,6 +99,8 @@ def read_split(
                 texts.append(row[tk].strip())
                 if lk is not None:
                     labels.append(_label(row[lk], f"{path}:{n}"))
+        except csv.Error as e:
+            raise DKError(f"{path}:{reader.line_num}: not a TSV row ({e})") from None
     elif path.suffix in (".jsonl", ".json"):
         for n, obj in iter_objects(path):
             tk = _text_key(list(obj), f"{path}:{n}", text_key)

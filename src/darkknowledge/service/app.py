@@ -8,14 +8,16 @@ import zipfile
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from sqlalchemy import func, select, text
 
-from ..errors import DKError
+from ..errors import DKError, one_line
 from . import datasets as ds_mod
 from . import jobs
 from .db import STATES, Dataset, Job, init_db, make_engine, session_factory
 from .deps import DB, Caller, DatasetDep, JobDep, SettingsDep
+from .limits import BodyLimit, BodyStats
 from .schemas import (
     ArtifactPublic,
     DatasetPublic,
@@ -225,6 +227,20 @@ def _message(status: int):
     return handler
 
 
+async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A request that does not fit the schema: 422 with one line naming the field (the
+    default handler echoes the input back, and fails on a body that is not UTF-8)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    if first.get("type") == "json_invalid":
+        msg = "not valid JSON"
+    else:
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return JSONResponse({"detail": one_line(f"{where}: {msg}{more}")}, status_code=422)
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     from .pages import pages
 
@@ -240,8 +256,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
+    app.state.body_stats = BodyStats()
+    app.add_middleware(BodyLimit, settings=settings, stats=app.state.body_stats)
     app.include_router(api)
     app.include_router(pages)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(DKError, _message(422))
     app.add_exception_handler(jobs.BadName, _message(400))
     app.add_exception_handler(jobs.NotFound, _message(404))

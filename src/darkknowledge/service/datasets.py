@@ -8,6 +8,7 @@ import re
 import shutil
 import uuid
 import zipfile
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 
@@ -37,11 +38,57 @@ def check_filename(name: str) -> str:
     return name
 
 
-def _safe_member(name: str) -> PurePosixPath:
+MAX_NAME_PART = 200  # characters of one folder or file name inside an archive
+MAX_NAME = 1000  # characters of one member's whole path
+MAX_DEFLATE_RATIO = 1100  # deflate cannot expand past ~1032:1; a bigger claim is forged
+
+
+def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath:
+    raw = info.orig_filename  # zipfile cuts a name at NUL; the original keeps it
+    name = info.filename
     p = PurePosixPath(name.replace("\\", "/"))
-    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or ":" in name:
-        raise BadName(f"the archive holds a bad name {name!r}: names must stay inside it")
+    if (
+        p.is_absolute()
+        or any(part in ("..", "") for part in p.parts)
+        or ":" in name
+        or any(ord(c) < 32 or c == "\x7f" for c in raw)
+    ):
+        raise BadName(f"the archive holds a bad name {raw[:80]!r}: names must stay inside it")
+    if len(name) > MAX_NAME or any(len(part) > MAX_NAME_PART for part in p.parts):
+        raise BadName(
+            f"the archive holds a name too long ({raw[:40]!r}...): at most {MAX_NAME_PART} "
+            f"characters a part, {MAX_NAME} in all"
+        )
     return p
+
+
+def _check_members(infos: list[zipfile.ZipInfo]) -> list[tuple[PurePosixPath, zipfile.ZipInfo]]:
+    """Names that can all be written (no name twice, no file where a folder must go) and
+    entries whose headers are believable, before anything is unpacked."""
+    members = [(_safe_member(i), i) for i in infos]
+    files: dict[PurePosixPath, str] = {}
+    folders: set[PurePosixPath] = set()
+    for rel, info in members:
+        if info.flag_bits & 0x1:
+            raise BadUpload(f"{info.filename!r} is encrypted: upload an archive without a password")
+        if info.is_dir():
+            folders.add(rel)
+            continue
+        if rel in files:
+            raise BadUpload(f"the archive holds {info.filename!r} twice")
+        files[rel] = info.filename
+        folders.update(rel.parents)
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            raise BadUpload(f"the archive is damaged: {info.filename!r} has forged sizes")
+        if (
+            info.compress_type == zipfile.ZIP_DEFLATED
+            and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024
+        ):
+            raise BadUpload(f"the archive is damaged: {info.filename!r} has forged sizes")
+    for rel, name in files.items():
+        if rel in folders:
+            raise BadUpload(f"the archive holds {name!r} as both a file and a folder")
+    return [(rel, i) for rel, i in members if not i.is_dir()]
 
 
 async def save_upload(
@@ -87,21 +134,24 @@ async def save_upload(
 def _unpack(archive: Path, dest: Path, limit: int) -> list[str]:
     if not zipfile.is_zipfile(archive):
         raise BadUpload("not a ZIP archive: upload the dataset's files as one .zip")
-    with zipfile.ZipFile(archive) as z:
-        infos = [i for i in z.infolist() if not i.is_dir()]
-        members = [(_safe_member(i.filename), i) for i in infos]
-        if not members:
-            raise BadUpload("the ZIP archive holds no files")
-        if sum(i.file_size for i in infos) > 4 * limit:
-            raise TooLarge("the archive unpacks to more than 4x the upload limit")
-        dest.mkdir(parents=True)
-        names = []
-        for rel, info in members:
-            out = dest / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with z.open(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            names.append(str(rel))
+    try:
+        with zipfile.ZipFile(archive) as z:
+            members = _check_members(z.infolist())
+            if not members:
+                raise BadUpload("the ZIP archive holds no files")
+            if sum(i.file_size for _, i in members) > 4 * limit:
+                raise TooLarge("the archive unpacks to more than 4x the upload limit")
+            dest.mkdir(parents=True)
+            names = []
+            for rel, info in members:
+                out = dest / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                names.append(str(rel))
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+        # a bad CRC, a size that does not match the data, an unknown compression method
+        raise BadUpload(f"the archive is damaged: {' '.join(str(e).split())}") from None
     return sorted(names)
 
 

@@ -18,7 +18,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ..errors import DKError
-from ..recipe_io import dump_recipe
+from ..jsonl import too_deep
+from ..recipe_io import MAX_DEPTH, dump_recipe
 from .db import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Dataset, Job, Token
 from .settings import ServiceSettings
 
@@ -104,6 +105,8 @@ def validate_job_recipe(settings: ServiceSettings, db: Session, owner: Token, re
     """The resolved recipe (a plain dict), or a one-line DKError."""
     if not isinstance(recipe, dict):
         raise DKError("recipe: must be a mapping of sections (data:, student:, ...)")
+    if too_deep(recipe, MAX_DEPTH):
+        raise DKError(f"recipe: nested deeper than {MAX_DEPTH} levels")
     import yaml
 
     from ..families import family_of, validate_family

@@ -13,6 +13,7 @@ from jinja2 import DictLoader, Environment, select_autoescape
 from sqlalchemy import select
 
 from ..errors import DKError
+from ..recipe_io import parse_yaml
 from . import jobs
 from .auth import find_token
 from .db import FINISHED, Job, Token
@@ -221,12 +222,7 @@ def submit_job(
     if caller is None:
         return _to_login()
     try:
-        try:
-            data = yaml.safe_load(recipe)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise DKError(f"recipe: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        data = parse_yaml(recipe, "recipe")
         job = jobs.create_job(settings, db, caller, data, name.strip() or None)
     except DKError as e:
         return _jobs_page(request, db, settings, caller, 422, str(e), recipe, name)

@@ -26,6 +26,8 @@ class ServiceSettings(BaseSettings):
     workers: Annotated[int, Field(ge=0, le=64)] = 1  # 0: accept jobs but run none
     threads_per_job: Annotated[int, Field(ge=1, le=256)] = 1
     upload_limit_mb: Annotated[float, Field(gt=0)] = 512.0
+    # every other request body (JSON, forms); refused with 413 while it streams in
+    max_request_mb: Annotated[float, Field(gt=0)] = 16.0
     heartbeat_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3  # starts of one job, resumes included
     poll_s: Annotated[float, Field(gt=0, le=60)] = 0.2  # how often an idle worker looks
@@ -56,6 +58,10 @@ class ServiceSettings(BaseSettings):
     @property
     def upload_limit_bytes(self) -> int:
         return int(self.upload_limit_mb * 1024 * 1024)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
 
     @property
     def jobs_dir(self) -> Path:
