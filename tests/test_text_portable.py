@@ -3,6 +3,7 @@ the dataset) travel as id2label / label2id, a model card sits beside the weights
 fresh interpreter with only transformers classifies with ``pipeline``."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,10 @@ RECIPE = {
     "eval": {"latency": False},
 }  # fmt: skip
 
+# The interpreter of the probes: this one, or (DK_PORTABLE_PYTHON) another with an
+# older transformers, to check that students saved here load there (docs/export.md).
+PROBE_PYTHON = os.environ.get("DK_PORTABLE_PYTHON") or sys.executable
+
 PROBE = r"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
@@ -58,7 +63,7 @@ def test_text_student_carries_label_names_and_a_card(tmp_path):
     assert "pipeline_tag: text-classification" in card and "sst2-portable" in card
     assert "tiny:tiny-bert" in card and str(SST2) in card and "test accuracy" in card
     p = subprocess.run(
-        [sys.executable, "-c", PROBE, str(model_dir)], capture_output=True, text=True, timeout=120
+        [PROBE_PYTHON, "-c", PROBE, str(model_dir)], capture_output=True, text=True, timeout=120
     )
     assert p.returncode == 0, p.stderr[-2000:]
     preds = json.loads(p.stdout.strip().splitlines()[-1])

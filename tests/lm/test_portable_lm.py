@@ -7,6 +7,7 @@ generates."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,10 @@ LLAMA = {
 
 # Runs with only transformers: for each (folder, prompt, max_new_tokens, min_new_tokens),
 # load, tokenizer facts, a round trip, greedy generation.
+# The interpreter of the probes: this one, or (DK_PORTABLE_PYTHON) another with an
+# older transformers, to check that students saved here load there (docs/export.md).
+PROBE_PYTHON = os.environ.get("DK_PORTABLE_PYTHON") or sys.executable
+
 PROBE = r"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
@@ -86,7 +91,7 @@ def saved(tmp_path_factory) -> dict:
         P.save_model(P.build_model(TinyModel(**GPT2), btok, 0), btok, bpe)
         jobs.append((str(bpe), "To be, or not to be", 20, 0))
     p = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(jobs)], capture_output=True, text=True,
+        [PROBE_PYTHON, "-c", PROBE, json.dumps(jobs)], capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]

@@ -195,6 +195,9 @@ def _update_json(path: Path, change) -> None:
 def _portable_tokenizer(cfg: dict, n: int | None, template: str | None) -> dict:
     if cfg.get("tokenizer_class") in _BACKEND_CLASSES:
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        # transformers 4's generic fast tokenizer adds token_type_ids unless told its
+        # inputs; a causal LM's generate() refuses them
+        cfg.setdefault("model_input_names", ["input_ids", "attention_mask"])
     cfg.pop("backend", None)  # transformers 5's own marker; 4 would pass it to __init__
     extra = cfg.get("extra_special_tokens")
     if isinstance(extra, list):
@@ -252,4 +255,6 @@ def char_tokenizer(text: str, extra_special: tuple[str, ...] = ()):
         pad_token="<|endoftext|>",
         unk_token="<unk>",
         additional_special_tokens=list(extra_special) or None,
+        # no token_type_ids: transformers 4 would hand them to generate(), which refuses
+        model_input_names=["input_ids", "attention_mask"],
     )
