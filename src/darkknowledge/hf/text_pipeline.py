@@ -650,7 +650,7 @@ def _export_student(student, tok, work: Path, enc, teacher_test_logits) -> dict:
 
 def student_card(recipe: TextRecipe, work: Path, res: dict) -> Path:
     """``README.md`` beside a saved text student: teacher, recipe, data, metrics."""
-    from .card import write_card
+    from ..export import write_card
 
     t = recipe.teacher
     test = res.get("test", {})

@@ -567,7 +567,7 @@ def _model_name(spec) -> str:
 
 def student_card(recipe: LMRecipe, folder: Path, result: dict, model) -> Path:
     """``README.md`` beside a saved causal_lm student: teacher, recipe, data, metrics."""
-    from ..hf.card import write_card
+    from ..export import write_card
 
     t = recipe.teacher
     teacher = (
