@@ -11,7 +11,10 @@ from .errors import DKError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="dk", description="darkknowledge: knowledge distillation")
+    p.add_argument("--version", action="version", version=f"darkknowledge {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe: train the teacher(s) if needed, distil, report")
@@ -87,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--dtype", choices=["q8", "fp16", "fp32"], default="q8",
                     help="how the log-probs are kept (default: %(default)s)")  # fmt: skip
     sa.add_argument("--force", action="store_true", help="rewrite an existing store")
+
+    ex = sub.add_parser(
+        "export",
+        help="an image (classify) student as torch.export (.pt2) or ONNX, with its input "
+        "shape, preprocessing and class names in a JSON beside it",
+    )
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a classify run (or its student/ folder)")
+    ex.add_argument("--format", choices=["torch.export", "onnx"], default="torch.export")
+    ex.add_argument("--out", help="folder for the files (default: RUN_DIR/export)")
+    ex.add_argument("--class-names", metavar="A,B,...", help="class names in id order")
 
     rep = sub.add_parser("report", help="print a finished run's report (and re-draw its plots)")
     rep.add_argument("run_dir")
@@ -356,6 +369,15 @@ def _dispatch_one(args) -> int:
         if args.verify:
             info["verified_files"] = store.verify_all()
         print(json.dumps(info, indent=2) if args.json else format_info(info))
+        return 0
+    if args.cmd == "export":
+        from .export import export_student
+
+        names = None
+        if args.class_names is not None:
+            names = [n.strip() for n in args.class_names.split(",")]
+        path = export_student(args.run_dir, args.format, args.out, names)
+        print(f"{path}\n{path.with_name(path.name + '.json')}")
         return 0
     if args.cmd == "report":
         from .report import load_report, run_family, table, write_report

@@ -160,13 +160,74 @@ def whole_copy(model, full: dict):
     return plain.eval()
 
 
+def positions(config) -> int | None:
+    """How many token positions a model takes (``n_positions`` /
+    ``max_position_embeddings``); RoBERTa-style models lose ``pad_token_id + 1`` of them
+    to their position offset. None when the config names none."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            if "roberta" in str(getattr(config, "model_type", "")):
+                n -= int(getattr(config, "pad_token_id", None) or 0) + 1
+            return n
+    return None
+
+
+# What transformers 5 writes as the class of a tokenizer built from a ``tokenizers``
+# object; transformers 4 knows the same class as PreTrainedTokenizerFast (5 keeps that
+# name as an alias), so that name loads everywhere.
+_BACKEND_CLASSES = ("TokenizersBackend",)
+
+
+def _update_json(path: Path, change) -> None:
+    import json
+
+    if not path.exists():
+        return
+    obj = json.loads(path.read_text())
+    new = change(dict(obj))
+    if new != obj:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def _portable_tokenizer(cfg: dict, n: int | None, template: str | None) -> dict:
+    if cfg.get("tokenizer_class") in _BACKEND_CLASSES:
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        # transformers 4's generic fast tokenizer adds token_type_ids unless told its
+        # inputs; a causal LM's generate() refuses them
+        cfg.setdefault("model_input_names", ["input_ids", "attention_mask"])
+    cfg.pop("backend", None)  # transformers 5's own marker; 4 would pass it to __init__
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):
+        # transformers 5 lists a tokenizer's extra special tokens here; 4.5x takes this key
+        # for a dict only and fails on a list (even an empty one): 4 reads the list from
+        # additional_special_tokens, which 5 reads too
+        cfg.pop("extra_special_tokens")
+        if extra:
+            cfg["additional_special_tokens"] = extra
+    if template is not None and "chat_template" not in cfg:
+        cfg["chat_template"] = template  # 5 writes chat_template.jinja, which 4.45 ignores
+    if n is not None and not (0 < int(cfg.get("model_max_length") or 0) <= n):
+        cfg["model_max_length"] = n  # not transformers' "unbounded" 1e30
+    return cfg
+
+
 def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Save a model (and its tokenizer) with ``save_pretrained`` (safetensors)."""
+    """Save a model (and its tokenizer) with ``save_pretrained`` (safetensors), so that
+    plain transformers (4.x and 5.x) loads both: the tokenizer's class is one both know,
+    and its ``model_max_length`` is the model's positions (not transformers' unbounded
+    1e30), so a pipeline's ``truncation=True`` keeps prompts inside the model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
+    n = positions(model.config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        jinja = out / "chat_template.jinja"
+        template = jinja.read_text() if jinja.exists() else None
+        _update_json(out / "tokenizer_config.json", lambda c: _portable_tokenizer(c, n, template))
     return out
 
 
@@ -194,4 +255,6 @@ def char_tokenizer(text: str, extra_special: tuple[str, ...] = ()):
         pad_token="<|endoftext|>",
         unk_token="<unk>",
         additional_special_tokens=list(extra_special) or None,
+        # no token_type_ids: transformers 4 would hand them to generate(), which refuses
+        model_input_names=["input_ids", "attention_mask"],
     )

@@ -28,6 +28,7 @@ class TextSplit:
     texts: list[str]
     labels: list[int] | None
     source: str = ""
+    label_names: list[str] | None = None  # class i's name, where the source knows it
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -40,7 +41,10 @@ class TextSplit:
         keep = sorted(torch.randperm(len(self), generator=g)[:n].tolist())
         labels = None if self.labels is None else [self.labels[i] for i in keep]
         return TextSplit(
-            [self.texts[i] for i in keep], labels, f"{self.source}[{n} of {len(self)}]"
+            [self.texts[i] for i in keep],
+            labels,
+            f"{self.source}[{n} of {len(self)}]",
+            self.label_names,
         )
 
 
@@ -129,7 +133,11 @@ def from_datasets(ds, text_key: str | None = None, label_key: str | None = "labe
         if label_key not in cols:
             raise DKError(f"dataset: no column {label_key!r} (columns: {', '.join(cols)})")
         labels = [_label(v, "dataset") for v in ds[label_key]]
-    return TextSplit(texts, labels, "datasets")
+    names = None
+    feature = (getattr(ds, "features", None) or {}).get(label_key)
+    if label_key is not None and isinstance(getattr(feature, "names", None), list):
+        names = [str(n) for n in feature.names]  # a datasets ClassLabel: SST-2 has them
+    return TextSplit(texts, labels, "datasets", names)
 
 
 @dataclass

@@ -329,6 +329,7 @@ def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
         fit = {}
     if model.config.num_labels != c:
         raise DKError(f"teacher: {model.config.num_labels} outputs but the data has {c} classes")
+    name_labels(model, label_names(recipe, splits, c))
     model.to(dist.default_device())
     enc = {
         k: encode(tok, s, recipe.data.max_length)
@@ -343,6 +344,29 @@ def teacher_stage(recipe: TextRecipe, run: Path, splits, resume: bool):
     dist.on_main(_save_teacher, model, tok, tdir, res)
     _log(f"teacher: dev {res['dev_accuracy']:.4f} test {res['test_accuracy']:.4f}")
     return model, tok, enc, res
+
+
+def label_names(recipe: TextRecipe, splits, c: int) -> list[str] | None:
+    """The class names, in id order: the recipe's ``data.label_names``, else the
+    dataset's own (a ``datasets`` ClassLabel) when they fit; None when neither names them."""
+    names = recipe.data.label_names
+    if names is not None:
+        if len(names) != c:
+            raise DKError(
+                f"data.label_names: {len(names)} names ({', '.join(names)}) but the data "
+                f"has {c} classes"
+            )
+        return list(names)
+    names = splits[0].label_names
+    return list(names) if names is not None and len(names) == c else None
+
+
+def name_labels(model, names: list[str] | None) -> None:
+    """Record the class names in a classifier's config (``id2label`` / ``label2id``), so
+    ``pipeline("text-classification")`` answers with them."""
+    if names is not None:
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def _save_teacher(model, tok, tdir: Path, res: dict) -> None:
@@ -458,7 +482,8 @@ def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
         spec,
         preprocessing={
             "max_length": recipe.data.max_length,
-            "train": recipe.data.model_dump(mode="json"),
+            # the class names do not change the signals: a store serves either
+            "train": recipe.data.model_dump(mode="json", exclude={"label_names"}),
             "examples": [recipe.data.student_examples, recipe.data.student_examples_seed],
         },
         tokenizer=json_digest(tok.get_vocab()),
@@ -600,7 +625,7 @@ def student_stage(
         fit=fit,
         teacher_signals=("none" if not loss_cfg.needs_teacher else "online" if online else "store"),
     )
-    dist.on_main(_finish_student, work, res)
+    dist.on_main(_finish_student, work, res, recipe)
     _log(
         f"student {v.name} seed {seed}: dev {res['dev_accuracy']:.4f} "
         f"test {res['test_accuracy']:.4f}"
@@ -623,7 +648,39 @@ def _export_student(student, tok, work: Path, enc, teacher_test_logits) -> dict:
     return res
 
 
-def _finish_student(work: Path, res: dict) -> None:
+def student_card(recipe: TextRecipe, work: Path, res: dict) -> Path:
+    """``README.md`` beside a saved text student: teacher, recipe, data, metrics."""
+    from ..export import write_card
+
+    t = recipe.teacher
+    test = res.get("test", {})
+    return write_card(
+        work / "model",
+        pipeline_tag="text-classification",
+        recipe=recipe.name,
+        family="text",
+        teacher=str(t.checkpoint) if t.checkpoint is not None else t.source,
+        data=str(recipe.data.path or "splits passed from Python"),
+        facts={
+            "variant": res["variant"],
+            "seed": res["seed"],
+            "teacher layers kept": res["layers"],
+            "init": res["init"],
+            "loss": res["loss"],
+            "labels": recipe.data.label_names or "see config.json id2label",
+        },
+        metrics={
+            "dev accuracy": res.get("dev_accuracy"),
+            "test accuracy": res.get("test_accuracy"),
+            "test agreement with the teacher": test.get("teacher_agreement"),
+            "test ECE": test.get("ece"),
+        },
+    )
+
+
+def _finish_student(work: Path, res: dict, recipe: TextRecipe | None = None) -> None:
+    if recipe is not None:
+        student_card(recipe, work, res)
     faults.point("saved")  # the model is saved (_export_student), its result not yet
     _write_json(work / "result.json", res)
     (work / engine_ckpt.NAME).unlink(missing_ok=True)

@@ -45,6 +45,9 @@ class TextData(Strict):
     test: str = "test.tsv"
     text_key: str | None = None  # default: sentence or text
     label_key: str = "label"
+    # class names in id order (e.g. [negative, positive] for SST-2): saved students carry
+    # them as id2label / label2id (default: the dataset's own names, else LABEL_0 ...)
+    label_names: list[Annotated[str, Field(min_length=1)]] | None = None
     max_length: PosInt = 64
     train_subset: PosInt | None = None  # a seeded random subset of the training split
     subset_seed: Seed = 0
@@ -54,6 +57,13 @@ class TextData(Strict):
     # only these are labelled by the teacher
     student_examples: PosInt | None = None
     student_examples_seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _names(self):
+        n = self.label_names
+        if n is not None and (len(n) < 2 or len(set(n)) != len(n)):
+            raise ValueError("data.label_names: two or more distinct class names")
+        return self
 
 
 # the text family's defaults for ``train:`` and ``teacher.finetune:`` (BERT's recipe:

@@ -665,8 +665,61 @@ def save_model(model, tok, folder: Path) -> Path:
     return hfio.save_pretrained(m, folder, tok)
 
 
-def _finish(model, tok, result: dict, folder: Path) -> dict:
+def _model_name(spec) -> str:
+    if isinstance(spec, TinyModel):
+        return f"{spec.tiny} {json.dumps(dict(spec.config), separators=(',', ':'))}"
+    return str(spec.path)
+
+
+def student_card(recipe: LMRecipe, folder: Path, result: dict, model) -> Path:
+    """``README.md`` beside a saved causal_lm student: teacher, recipe, data, metrics."""
+    from ..export import write_card
+
+    t = recipe.teacher
+    teacher = (
+        "none (trained on the data alone)"
+        if t is None
+        else f"signal store {t.path}"
+        if getattr(t, "kind", "model") == "store"
+        else _model_name(t.model)
+    )
+    n = hfio.positions(model.config)
+    notes = []
+    if n:
+        notes.append(f"The model takes {n} token positions (the tokenizer's model_max_length).")
+        if getattr(model.config, "model_type", "") == "gpt2":
+            notes.append(
+                f"Keep prompt + max_new_tokens within {n}: past its learned position "
+                "embeddings generate() fails with an IndexError (transformers does not stop "
+                "there by itself)."
+            )
+    loss = recipe.distill.loss.kind if recipe.distill.mode in ("token", "gkd") else None
+    return write_card(
+        folder,
+        pipeline_tag="text-generation",
+        recipe=recipe.name,
+        family="causal_lm",
+        teacher=teacher,
+        data=f"{recipe.data.kind} "
+        + str(recipe.data.path if isinstance(recipe.data, TextData) else recipe.data.train),
+        facts={
+            "student": _model_name(recipe.student.model),
+            "distillation": recipe.distill.mode + (f" ({loss})" if loss else ""),
+            "tokenizer": recipe.tokenizer.kind if recipe.tokenizer else "the student's own",
+            "seed": result.get("seed"),
+            "parameters": result.get("params"),
+            "positions": n,
+        },
+        metrics={"validation loss (nats/token)": result.get("val_loss"),
+                 "steps": result.get("steps")},
+        notes=notes,
+    )  # fmt: skip
+
+
+def _finish(model, tok, result: dict, folder: Path, recipe: LMRecipe | None = None) -> dict:
     path = save_model(model, tok, folder / "model")
+    if recipe is not None:  # a student: its model card
+        student_card(recipe, path, result, model)
     faults.point("saved")
     result["model"] = str(path)
     # atomic: a kill never leaves half a result
@@ -767,7 +820,7 @@ def student_phase(
         res["student_param_bytes_per_process"] = ddist.all_gather_object(
             ddist.local_param_bytes(model)
         )
-    return ddist.on_main(_finish, tr.plain_model(), s_tok, res, folder)
+    return ddist.on_main(_finish, tr.plain_model(), s_tok, res, folder, recipe)
 
 
 def check_processes(recipe: LMRecipe) -> None:
