@@ -78,9 +78,15 @@ def test_seeds_and_report_on_every_family(family, tmp_path: Path, capsys):
         seeds = report["seeds"] if family == "text" else [int(s) for s in report["students"]]
         assert seeds == [0, 1], report
         run = out
+    (run / "curves.png").unlink(missing_ok=True)
     assert main(["report", str(run)]) == 0  # the family's table again, from the run folder
     again = capsys.readouterr().out
     assert again.strip() and (family == "classify" or again.splitlines()[-3] in printed)
+    # one report contract: report.json with a row per model, report.md, training curves
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    assert any(k.startswith("student") or k.startswith("distilled") for k in rows), rows
+    assert (run / "curves.png").stat().st_size > 5_000  # drawn again by dk report
+    assert "curves.png" in (run / "report.md").read_text()
     # dk eval: the saved models reloaded as a user loads them, scored again
     ev = ["eval", str(run)] + (["--data", str(tmp_path / "qa.jsonl"), "--verifier", "exact",
                                 "--k", "2", "--max-new-tokens", "3"] if family == "causal_lm" else [])  # fmt: skip

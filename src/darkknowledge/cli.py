@@ -386,8 +386,10 @@ def _dispatch_one(args) -> int:
         fam = run_family(args.run_dir)
         if fam == "causal_lm":
             from .lm.pipeline import format_report
+            from .lm.pipeline import write_report as write_lm_report
 
             print(format_report(report, Path(args.run_dir)))
+            print(f"\nreport: {write_lm_report(report, Path(args.run_dir))}")
             return 0
         if fam == "text":
             from .hf.text_pipeline import write_report as write_text_report

@@ -71,6 +71,9 @@ def write_report(report: dict, run_dir: str | Path) -> Path:
         "```",
         "",
     ]
+    series = {n: run_dir / n / "metrics.jsonl" for n in ("student", "plain")}
+    curves = training_curves(run_dir, series)
+    plots += [curves] if curves is not None else []
     md += [f"![{p.stem}]({p.name})" for p in plots]
     (run_dir / "report.md").write_text("\n".join(md) + "\n")
     return run_dir / "report.md"
@@ -149,3 +152,50 @@ def load_report(run_dir: str | Path) -> dict:
         raise DKError(f"{path}: missing; the run has not finished (dk run ... --resume)") from None
     except json.JSONDecodeError as e:
         raise DKError(f"{path}: corrupt report ({e})") from None
+
+
+def training_curves(run_dir: str | Path, series: dict[str, Path], name: str = "curves.png"):
+    """The training loss per step (solid) and the validation loss where it was logged
+    (dashed) of each ``metrics.jsonl`` in ``series`` ({label: file}), in one plot; the
+    plot's path, or None when no file has a training line."""
+    curves = {}
+    for label, f in series.items():
+        if not Path(f).exists():
+            continue
+        train, val = [], []
+        for line in Path(f).read_text().splitlines():
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: the rest still plots
+            if not isinstance(m, dict) or not isinstance(m.get("step"), int):
+                continue
+            if "lr" in m and isinstance(m.get("loss"), int | float):
+                train.append((m["step"], m["loss"]))
+            if isinstance(m.get("val_loss"), int | float):
+                val.append((m["step"], m["val_loss"]))
+        if train:
+            curves[label] = (train, val)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, (label, (train, val)) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        ax.plot(*zip(*train, strict=True), color=color, lw=1, label=f"{label} train")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o--", color=color, ms=3, label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(run_dir) / name
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

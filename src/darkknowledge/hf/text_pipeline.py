@@ -53,6 +53,7 @@ from ..losses.features import (
     pool,
 )
 from ..recipe_io import dump_recipe
+from ..report import training_curves
 from . import io as hfio
 from .distil_losses import soft_target
 from .layers import every_other, num_layers, student_from_teacher
@@ -785,6 +786,12 @@ def write_report(rep: dict, run: Path) -> str:
         "```",
         "",
     ]
+    series = {"teacher": run / "teacher" / "metrics.jsonl"}
+    for f in sorted(run.glob("students/*/seed*/metrics.jsonl")):
+        series[f"{f.parent.parent.name}/{f.parent.name}"] = f
+    curves = training_curves(run, series)
+    if curves is not None:
+        md += [f"![{curves.stem}]({curves.name})", ""]
     (run / "report.md").write_text("\n".join(md) + "\n")
     return text
 
@@ -884,6 +891,14 @@ def _report(recipe, out: Path, splits, enc, teacher, t_res, seeds, results, t_st
         "size": {"teacher": size_of(teacher), "student": size_of(sample)},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
+    # one row per model, the shape every family's report.json has
+    rep["rows"] = {"teacher": {"test_accuracy": t_res["test_accuracy"], "nll": t_res["test"]["nll"],
+                               "ece": t_res["test"]["ece"], **rep["size"]["teacher"]}}  # fmt: skip
+    for name, sm in rep["students"].items():
+        rep["rows"][name] = {
+            "test_accuracy": sm["acc_mean"] / 100, "test_accuracy_sd": sm["acc_sd"] / 100,
+            "nll": sm["nll"], "ece": sm["ece"], "seeds": sm["seeds"], **rep["size"]["student"],
+        }  # fmt: skip
     if recipe.eval.latency:
         L, runs = recipe.eval.latency_length, recipe.eval.latency_runs
         rep["speed"] = {"threads": torch.get_num_threads(), "length": L}

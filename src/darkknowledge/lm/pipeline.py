@@ -927,8 +927,47 @@ def run_lm_recipe(
     }
     if recipe.eval.sampled is not None:  # dk eval of the students, into the report
         report["eval"] = ddist.on_main(_sampled_eval, recipe.eval.sampled, out)
-    ddist.on_main((out / "report.json").write_text, json.dumps(report, indent=2))
+    report["rows"] = _rows_of(report)
+    ddist.on_main(write_report, report, out)
     return format_report(report, out)
+
+
+def _rows_of(report: dict) -> dict:
+    """The report's rows, one per model (the shape every family's report.json has):
+    validation loss, sizes and, with eval.sampled, the sampled-answer metrics."""
+    rows = {}
+    t = report.get("teacher", {})
+    if "val_loss" in t:
+        rows["teacher"] = {"val_loss": t["val_loss"]}
+    sampled = report.get("eval", {}).get("models", {})
+    for s, r in report["students"].items():
+        row = {k: r[k] for k in ("val_loss", "params", "trainable_params", "steps") if k in r}
+        ev = sampled.get(f"seed_{s}") or (
+            sampled.get("student") if len(report["students"]) == 1 else None
+        )
+        if ev:
+            row |= {k: ev[k] for k in ("pass@1", "maj@k", "greedy", "loss")}
+        rows[f"student seed {s}"] = row
+    return rows
+
+
+def write_report(report: dict, out: Path) -> Path:
+    """report.json, report.md (the table ``dk run`` prints) and the training curves."""
+    from ..report import training_curves
+
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    series = {"teacher": out / "teacher" / "metrics.jsonl"}
+    for f in sorted(out.glob("teacher/member_*/metrics.jsonl")):
+        series[f"teacher {f.parent.name}"] = f
+    for s in report["students"]:
+        folder = out / "student" if (out / "student").is_dir() else out / f"seed_{s}" / "student"
+        series[f"student seed {s}"] = folder / "metrics.jsonl"
+    curves = training_curves(out, series)
+    md = [f"# Report: {report['name']}", "", "```", format_report(report, out), "```", ""]
+    if curves is not None:
+        md += [f"![{curves.stem}]({curves.name})", ""]
+    (out / "report.md").write_text("\n".join(md))
+    return out / "report.md"
 
 
 def _sampled_eval(ev, out: Path) -> dict:
