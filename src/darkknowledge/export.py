@@ -10,6 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -65,6 +66,16 @@ def load_weights(model: nn.Module, path: str | Path, what: str = "checkpoint") -
             raise DKError(
                 f"{what}: {path}: tensor {k} has shape {tuple(v.shape)} but the configured "
                 f"model needs {tuple(own[k].shape)}: check the model section"
+            )
+        if v.dtype.is_floating_point != own[k].dtype.is_floating_point:
+            raise DKError(
+                f"{what}: {path}: tensor {k} is {str(v.dtype).removeprefix('torch.')}, the "
+                f"model's is {str(own[k].dtype).removeprefix('torch.')}: not this model's weights"
+            )
+        if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+            raise DKError(
+                f"{what}: {path}: tensor {k} holds NaN or infinite values; a model trained "
+                "into NaN cannot teach (retrain it, or use an earlier checkpoint)"
             )
     model.load_state_dict(sd)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import DKError
@@ -63,5 +64,33 @@ def _small_resnet(cfg, input_shape, num_classes):
 
 
 def build_model(cfg, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build a model from its recipe section (``{name: ..., **kwargs}``)."""
-    return MODELS.get(cfg.name)(cfg, tuple(input_shape), num_classes)
+    """Build a model from its recipe section (``{name: ..., **kwargs}``), after checking
+    on the meta device (no memory) that it fits: see :func:`check_fits`."""
+    make = MODELS.get(cfg.name)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in make(cfg, tuple(input_shape), num_classes).parameters())
+    check_fits(n, f"model {cfg.name}")
+    return make(cfg, tuple(input_shape), num_classes)
+
+
+def available_bytes() -> int:
+    """The memory this process may still take: MemAvailable (Linux), else 16 GiB."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 << 30
+
+
+def check_fits(params: int, what: str) -> None:
+    """Refuse, in one line, a model whose fp32 weights, gradients and AdamW's two moments
+    (16 bytes a parameter) would not fit in the memory available now."""
+    need, have = 16 * params, available_bytes()
+    if need > have:
+        raise DKError(
+            f"{what}: {params:,} parameters need about {need / 2**30:.1f} GiB to train "
+            f"(weights, gradients, AdamW state) but {have / 2**30:.1f} GiB are available; "
+            "make it smaller"
+        )

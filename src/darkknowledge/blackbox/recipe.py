@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,12 +27,32 @@ class _M(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _plain_template(t: str) -> str:
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(t))
+    except ValueError as e:
+        raise ValueError(f"not a template ({e})") from None
+    for _, field, spec, conv in parts:
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conv:
+            raise ValueError(
+                f"{{{field}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}: only plain "
+                "{field} substitution of the row's fields is allowed"
+            )
+    return t
+
+
 class PromptsCfg(_M):
     path: RecipePath  # JSONL; a relative path resolves against the recipe's folder
     prompt_field: str = "question"
     answer_field: str | None = "answer"
     id_field: str | None = None  # default: the line number
-    template: str = "{question}"  # str.format over the row's fields
+    # the row's fields by name, {field} only (no attributes, indexes, conversions or
+    # format specs: a template never reaches beyond the row's values); {{ }} for braces
+    template: Annotated[str, AfterValidator(_plain_template)] = "{question}"
     system: str | None = None  # chat only
     limit: int | None = Field(None, ge=1)
     offset: int = Field(0, ge=0)
