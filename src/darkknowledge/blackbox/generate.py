@@ -201,8 +201,8 @@ def _listing(names: list[str]) -> str:
 def generation_marker(out: Path) -> bool:
     """``out/recipe.json`` is one dk generate wrote (``tool``; older ones: its ``key``)."""
     try:
-        rec = json.loads((out / RECIPE).read_text())
-    except (OSError, ValueError):
+        rec = json.loads((out / RECIPE).read_bytes())
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(rec, dict) and (
         rec.get("tool") == "darkknowledge" or ("key" in rec and "recipe" in rec)

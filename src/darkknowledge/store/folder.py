@@ -57,10 +57,10 @@ def foreign_entries(out: Path) -> list[str]:
 def has_marker(out: Path) -> bool:
     """``out`` is recognisably a store (or ``dk label`` folder) this tool made."""
     try:
-        m = json.loads((out / MANIFEST).read_text())
+        m = json.loads((out / MANIFEST).read_bytes())
         if isinstance(m, dict) and str(m.get("format", "")).startswith("darkknowledge.store/"):
             return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     if (out / TEACHER / TEACHER_RECIPE).is_file():
         return True
@@ -105,18 +105,18 @@ def replace_store(out: Path, keep_teacher: bool = True) -> None:
         names.remove(TEACHER)
     if not names:
         return
+    key = out.resolve()
+    if key in _replaced:  # already moved aside in this process: these files are new
+        for n in names:
+            _remove(out / n)
+        return
     if not has_marker(out):
         raise DKError(
             f"{out}: not a darkknowledge store (no manifest.json with its format, no "
             f"{TEACHER}/{TEACHER_RECIPE}); --force replaces only a store this tool made, and "
             "nothing was deleted: choose another --out"
         )
-    key = out.resolve()
-    if key in _replaced:  # already moved aside in this process: these files are new
-        for n in names:
-            _remove(out / n)
-        return
-    aside = out.with_name(f".{out.name}.replaced")
+    aside = key.with_name(f".{key.name}.replaced")  # resolved: `--out .` has a name too
     if aside.exists():
         raise DKError(
             f"{aside}: an earlier --force of {out} did not finish and kept the store it "
