@@ -192,14 +192,18 @@ def _main(argv: list[str] | None = None) -> int:
 
 def _run_command(args) -> int:
     from .engine import rundir
+    from .store import folder
 
     try:
         rc = _dispatch(args)
         rundir.commit_replaced()  # a run replaced with --force: the new one finished
+        folder.commit_replaced()  # the same for a store
         return rc
     except BaseException:
-        # the new run failed before its first checkpoint: the run it replaced comes back
+        # the new run failed before its first checkpoint (a store: its first shard): the
+        # run or store it replaced comes back
         rundir.restore_replaced()
+        folder.restore_replaced()
         return _failure(sys.exc_info()[1])
 
 

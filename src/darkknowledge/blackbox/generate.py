@@ -7,6 +7,12 @@ verdicts). A rerun reads that file, skips the prompts in it and asks the teacher
 the rest, whose answers the cache may already hold; so after a SIGKILL every prompt ends
 up exactly once and no answered request is sent again. ``OUT/sft.jsonl`` is rebuilt from
 the results (atomically) at the end of each run.
+
+The folder is marked by ``OUT/recipe.json`` (``"tool": "darkknowledge"``; older ones by
+its ``key`` and ``recipe``), written before any result. A non-empty folder without it is
+refused, and ``--force`` deletes only ``results.jsonl``, ``sft.jsonl``, ``summary.json``
+and ``recipe.json`` (the cache stays), only in a folder holding nothing else dk generate
+does not write, and only once the prompts, verifier and cache have been read.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from .verifiers import build_verifier
 RESULTS = "results.jsonl"
 SFT = "sft.jsonl"
 SUMMARY = "summary.json"
-RECIPE = "recipe.json"
+RECIPE = "recipe.json"  # the marker: which recipe (and tool) made the folder
+CACHE = "cache.jsonl"
 
 
 class _Fmt(dict):
@@ -182,8 +189,52 @@ def build_sft(
     return n
 
 
+# What dk generate writes into its folder: a folder holding anything else is not replaced
+OWN_FILES = {RECIPE, RESULTS, SFT, SUMMARY, CACHE, "recipe.tmp", "sft.tmp"}
+REPLACED = (RESULTS, SFT, SUMMARY, RECIPE, "recipe.tmp", "sft.tmp")  # --force: the cache stays
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def generation_marker(out: Path) -> bool:
+    """``out/recipe.json`` is one dk generate wrote (``tool``; older ones: its ``key``)."""
+    try:
+        rec = json.loads((out / RECIPE).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(rec, dict) and (
+        rec.get("tool") == "darkknowledge" or ("key" in rec and "recipe" in rec)
+    )
+
+
+def check_generate_folder(out: Path, force: bool) -> None:
+    """Refuse ``out`` (one line, nothing touched) unless dk generate may use it: empty, or
+    a generation this tool made (its ``recipe.json``). ``force`` deletes files, so it
+    also refuses a folder holding any file dk generate does not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DKError(f"{out}: exists and is not a folder; choose another --out")
+    names = sorted(p.name for p in out.iterdir())
+    if not generation_marker(out) and set(names) - {CACHE, "recipe.tmp"}:
+        raise DKError(
+            f"{out}: not a dk generate folder (no {RECIPE} of a generation; it holds "
+            f"{_listing(names)}); nothing was deleted: choose another --out"
+        )
+    foreign = [n for n in names if n not in OWN_FILES or not (out / n).is_file()]
+    if force and foreign:
+        raise DKError(
+            f"{out}: holds {_listing(foreign)}, which dk generate does not write; --force "
+            "replaces only a generation this tool made, and nothing was deleted: move "
+            "it or choose another --out"
+        )
+
+
 def _check_same_run(out: Path, rec: GenerateRecipe, force: bool) -> None:
-    """A rerun must be the same recipe (apart from client/budget settings)."""
+    """A rerun must be the same recipe (apart from client/budget settings); ``force``
+    deletes the old generation's files (after :func:`check_generate_folder`)."""
     path = out / RECIPE
     now = rec.public_dump()
     # prompts.limit/offset may change: a rerun with a larger limit extends the same run
@@ -194,7 +245,7 @@ def _check_same_run(out: Path, rec: GenerateRecipe, force: bool) -> None:
         "api": rec.teacher.api,
     }
     if force and out.exists():
-        for name in (RESULTS, SFT, SUMMARY, RECIPE):
+        for name in REPLACED:
             (out / name).unlink(missing_ok=True)
     if path.exists():
         old = json.loads(path.read_text())
@@ -206,7 +257,8 @@ def _check_same_run(out: Path, rec: GenerateRecipe, force: bool) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "recipe": now}, indent=2))
+        marker = {"tool": "darkknowledge", "kind": "generate", "key": key, "recipe": now}
+        tmp.write_text(json.dumps(marker, indent=2))
         os.replace(tmp, path)
 
 
@@ -231,11 +283,16 @@ def run_generate(
             file=sys.stderr,
         )
     verify = build_verifier(rec.verifier.name, rec.verifier.params)
+    check_generate_folder(out, force)  # everything is checked before --force deletes
     prompts = load_prompts(rec, base_dir)
-    _check_same_run(out, rec, force)
+    cache = RequestCache(resolve_path(rec.cache, None) if rec.cache else out / CACHE)
+    try:
+        _check_same_run(out, rec, force)
+    except BaseException:
+        cache.close()
+        raise
     done = read_results(out / RESULTS)
     todo = [p for p in prompts if p["id"] not in done]
-    cache = RequestCache(resolve_path(rec.cache, None) if rec.cache else out / "cache.jsonl")
     budget = Budget(
         rec.budget.max_tokens,
         rec.budget.max_cost,

@@ -440,7 +440,10 @@ def label_text_recipe(recipe: TextRecipe, out: str | Path, force: bool = False):
     the recipe says so) over the students' training examples, into the store at ``out``
     (logits and the pooled hidden states the variants' terms need). A text recipe reuses
     it with ``signals_dir: OUT``."""
+    from ..store.folder import check_store_folder
+
     out = Path(out)
+    check_store_folder(out, force)  # before the teacher fine-tunes into out/teacher
     splits = _data(recipe)
     teacher, tok, enc, _ = teacher_stage(recipe, out, splits, resume=True)
     d = recipe.data

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +25,7 @@ from .. import dist
 from ..errors import DKError
 from ..signals import Batch, Teacher
 from . import fingerprint as fp
+from .folder import check_store_folder, commit_replaced, replace_store
 from .format import (
     FLOAT_DTYPES,
     FORMAT,
@@ -164,6 +164,10 @@ def label(
     (a store of sampled responses needs its tokens to join them to training data);
     ``keys``: each example's (prompt id, sample index), in the order of ``x``.
     An interrupted call is continued by calling it again with the same arguments.
+    ``force``: replace the store in ``out``, which must be one this tool made (see
+    :mod:`.folder`); the old one is moved aside and deleted at the first new shard (a
+    caller whose labelling fails before that puts it back with
+    :func:`.folder.restore_replaced`, as ``dk`` does).
     """
     spec = spec or LabelSpec()
     out = Path(out)
@@ -260,17 +264,25 @@ def label(
             if mask is not None:
                 tensors["mask"] = mask[lo:hi].to(torch.uint8)
             write_shard(shard_dir / shard_name(i), tensors)
+            if dist.is_main():
+                commit_replaced(out)  # a store it replaced (--force) can go now
     bar.close()
     dist.barrier()  # every shard is on disk
     positions = int(mask.sum()) if mask is not None else n
     inputs = (x, ids) if store_inputs else None
     dist.on_main(_finish, out, head, spec, n, n_shards, positions, head_mod, inputs)
+    if dist.is_main():
+        commit_replaced(out)
     return SignalStore(out)
 
 
 def _prepare(out: Path, head: dict, layout: dict, force: bool) -> bool:
     """Check ``out`` against the labelling and make it ready; True if already complete."""
     shard_dir = out / SHARDS
+    if force:  # the old store moves aside (deleted at the first new shard), or refused
+        replace_store(out)
+    else:
+        check_store_folder(out, force)
     if (out / MANIFEST).exists() and not force:
         old = read_manifest(out)
         for key in ("fingerprint", "task", "vocab", *layout):
@@ -289,9 +301,6 @@ def _prepare(out: Path, head: dict, layout: dict, force: bool) -> bool:
     elif out.exists() and any(out.iterdir()) and not force:
         if any((out / SHARDS).glob("*.safetensors")):
             raise DKError(f"{out}: has shards but no manifest; use --force to relabel")
-    if force and shard_dir.exists():
-        shutil.rmtree(shard_dir)
-        (out / MANIFEST).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MANIFEST).exists():  # first, so shards never exist without a manifest
         _write_manifest(out, {**head, "complete": False, "shards": []})

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from ..errors import DKError
 from ..recipe_io import first_difference
+from .folder import TEACHER_RECIPE, check_store_folder, replace_store
 from .format import MANIFEST, write_json
 from .reader import read_manifest
-
-TEACHER_RECIPE = "recipe.json"  # in STORE/teacher/: the recipe its networks are trained for
 
 
 def prepare_label_folder(out: Path, record: dict, force: bool, trains_teacher: bool) -> None:
@@ -19,9 +17,12 @@ def prepare_label_folder(out: Path, record: dict, force: bool, trains_teacher: b
 
     The recipe a store was labelled from is the manifest's ``recipe``; the one the
     teacher in ``out/teacher`` was trained for is ``out/teacher/recipe.json`` (written
-    before it trains, so a kill during its training is covered too). With ``force`` a
-    teacher trained for another recipe (or for one not recorded) is deleted; the store
-    itself is replaced by the labeller."""
+    before it trains, so a kill during its training is covered too). A folder holding
+    files a store does not is refused first (:func:`.folder.check_store_folder`). With
+    ``force`` the old store, and its teacher when it was trained for another recipe (or
+    for one not recorded), are moved aside, to be deleted once the new store has its first
+    shard (:func:`.folder.replace_store`)."""
+    check_store_folder(out, force)
     teacher_dir, mine = out / "teacher", out / "teacher" / TEACHER_RECIPE
     store_old = teacher_old = None  # None: nothing there; a str: there, no usable record
     if (out / MANIFEST).exists() and not force:
@@ -48,8 +49,8 @@ def prepare_label_folder(out: Path, record: dict, force: bool, trains_teacher: b
                 f"{first_difference(old, record)} differs; use --force to relabel it "
                 "(retraining the teacher) or --out for a new store"
             )
-    elif teacher_old is not None and teacher_old != record:
-        shutil.rmtree(teacher_dir)  # trained for another recipe: trained again
+    else:  # a teacher trained for another recipe is trained again
+        replace_store(out, keep_teacher=teacher_old is None or teacher_old == record)
     if trains_teacher:  # a network trains in teacher/: record what it is trained for
         teacher_dir.mkdir(parents=True, exist_ok=True)
         write_json(mine, record)
