@@ -676,13 +676,15 @@ def student_card(recipe: LMRecipe, folder: Path, result: dict, model) -> Path:
     from ..export import write_card
 
     t = recipe.teacher
-    teacher = (
-        "none (trained on the data alone)"
-        if t is None
-        else f"signal store {t.path}"
-        if getattr(t, "kind", "model") == "store"
-        else _model_name(t.model)
-    )
+    if t is None:
+        teacher = "none (trained on the data alone)"
+    elif t.kind == "store":
+        teacher = f"signal store {t.path}"
+    elif t.kind == "ensemble":
+        names = ", ".join(_model_name(m.model) for m in t.members)
+        teacher = f"an ensemble ({t.combine}) of {names}"
+    else:
+        teacher = _model_name(t.model)
     n = hfio.positions(model.config)
     notes = []
     if n:
