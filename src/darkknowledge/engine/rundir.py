@@ -57,7 +57,13 @@ def prepare_run_dir(run_dir: Path, resolved: str, family: str, resume: bool, for
                     "files a run does not write); --force replaces only runs this tool "
                     "made: choose another --out"
                 )
-            aside = run_dir.with_name(f".{run_dir.name}.replaced")
+            here = Path.cwd().resolve()
+            if here == run_dir.resolve() or run_dir.resolve() in here.parents:
+                raise DKError(
+                    f"{run_dir}: --force would move aside the folder you are working in; "
+                    "run from outside it (cd ..) or choose another --out"
+                )
+            aside = run_dir.resolve().with_name(f".{run_dir.resolve().name}.replaced")
             if aside.exists():  # a replacement that never finished: the older run stays
                 shutil.rmtree(run_dir)
             else:
