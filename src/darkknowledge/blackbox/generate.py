@@ -254,7 +254,7 @@ def run_generate(
         log=log,
     )
     teacher_meta = {"model": model, "api": rec.teacher.api}
-    sampling_meta = rec.sampling.model_dump(mode="json")
+    sampling_meta = rec.sampling.dump()
     writer = _Appender(out / RESULTS)
     t0 = time.monotonic()
     new_rows: list[dict] = []
