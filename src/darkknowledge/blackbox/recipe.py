@@ -162,6 +162,11 @@ class SelectCfg(_M):
     keep: Literal["correct", "all", "first"] = "correct"  # correct = rejection sampling
     shortest: bool = False  # keep only the shortest kept sample per prompt
     max_per_prompt: int | None = Field(None, ge=1)
+    # the rows of sft.jsonl (each also has id, sample, reference, teacher, sampling,
+    # verdict): response = prompt/response strings (dk's own form); messages = TRL's
+    # conversational language-modelling form [system?, user, assistant]; prompt_completion
+    # = TRL's prompt/completion (message lists for a chat teacher, strings for completions)
+    format: Literal["response", "messages", "prompt_completion"] = "response"
 
 
 class ClientCfg(_M):
