@@ -1,10 +1,12 @@
 """``sft.jsonl`` in TRL's dialects (``select.format``): ``messages`` and
 ``prompt_completion`` rows from the tiny served model, with the system prompt the
-teacher was sent, read by the causal_lm chat reader."""
+teacher was sent, read by the causal_lm chat reader and taken unchanged by TRL's
+``SFTTrainer`` (``datasets.load_dataset("json", ...)``, no conversion)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,39 @@ def test_causal_lm_trains_on_messages_rows(served, teacher_dir, tmp_path):
     }  # fmt: skip
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(rec))
     assert main(["run", str(tmp_path / "sft.yaml"), "--out", str(tmp_path / "s")]) == 0
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion"])
+def test_trl_sft_trainer_takes_sft_jsonl_unchanged(served, teacher_dir, tmp_path, fmt):
+    """TRL 1.16's SFTTrainer trains on dk generate's sft.jsonl as written: loaded with
+    ``datasets.load_dataset("json", ...)``, 2 steps on the tiny model, a finite loss."""
+    pytest.importorskip("trl")
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from darkknowledge.hf.io import load_model
+
+    _generate(served[0], tmp_path, fmt)
+    ds = load_dataset(
+        "json", data_files=str(tmp_path / "o" / "sft.jsonl"), split="train",
+        cache_dir=str(tmp_path / "hf"),
+    )  # fmt: skip
+    assert ds.num_rows == 6 and {"id", "sample"} <= set(ds.column_names)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "trl"), max_steps=2, per_device_train_batch_size=3,
+        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, max_length=128, seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=load_model(teacher_dir, "AutoModelForCausalLM"),
+        args=args,
+        train_dataset=ds,
+        processing_class=_tokenizer(teacher_dir),
+    )
+    # TRL rendered the system turn the teacher was sent
+    first = trainer.train_dataset[0]
+    assert trainer.processing_class.decode(first["input_ids"]).startswith(SYSTEM + "\n")
+    out = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 2 and len(losses) == 2
+    assert math.isfinite(out.training_loss) and all(math.isfinite(x) and x > 0 for x in losses)
