@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import ssl
 import time
@@ -95,6 +96,39 @@ def validate_response(data, n: int | None, api: str) -> None:
             raise ValueError("a choice has no text string")
 
 
+def tls_context() -> ssl.SSLContext:
+    """The context that checks an https teacher's certificate: the CA bundle in
+    ``SSL_CERT_FILE`` (and the folder in ``SSL_CERT_DIR``) when set, as OpenSSL, curl and
+    Python's requests do (a private CA, a company proxy); otherwise the system store
+    plus certifi's bundle."""
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    capath = os.environ.get("SSL_CERT_DIR") or None
+    for name, val, ok in (("SSL_CERT_FILE", cafile, os.path.isfile),
+                          ("SSL_CERT_DIR", capath, os.path.isdir)):  # fmt: skip
+        if val is not None and not ok(val):
+            raise DKError(f"{name}={val}: no such {'file' if ok is os.path.isfile else 'folder'}")
+    try:
+        if cafile or capath:
+            return ssl.create_default_context(cafile=cafile, capath=capath)
+        import certifi
+
+        ctx = ssl.create_default_context()  # the system store
+        ctx.load_verify_locations(cafile=certifi.where())
+        return ctx
+    except ssl.SSLError as e:
+        raise DKError(f"SSL_CERT_FILE={cafile}: not a PEM CA bundle ({e.reason or e})") from None
+
+
+def _cert_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check failure behind a transport error, if that is what it is."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 class ApiClient:
     """``await client.request(body)`` → the endpoint's JSON answer (from cache if known).
 
@@ -142,9 +176,7 @@ class ApiClient:
         # one TLS context for all clients (loading the CA bundle costs ~0.1 s each time)
         tls: ssl.SSLContext | bool = False
         if any(ep.url.startswith("https:") for ep in self.endpoints):
-            import certifi
-
-            tls = ssl.create_default_context(cafile=certifi.where())
+            tls = tls_context()
 
         def make(conns: int):
             return httpx.AsyncClient(
@@ -230,6 +262,13 @@ class ApiClient:
         except httpx.TimeoutException:
             raise _Transient(f"timed out after {self.retry.timeout_s:g}s") from None
         except httpx.TransportError as e:
+            bad = _cert_error(e)
+            if bad is not None:  # retrying cannot help: the certificate is not trusted
+                why = bad.verify_message or bad.reason or "verify failed"
+                raise TeacherRejected(
+                    f"teacher {ep.url}: TLS certificate not trusted ({why}); if it is signed "
+                    "by a private CA, point SSL_CERT_FILE at that CA's PEM file"
+                ) from None
             raise _Transient(f"connection failed ({type(e).__name__}: {e or 'dropped'})") from None
         if r.status_code == 429:
             ra = _retry_after(r.headers.get("retry-after"))

@@ -157,31 +157,47 @@ def select_samples(
     return kept
 
 
+def sft_row(row: dict, s: dict, fmt: str = "response", system: str | None = None) -> dict:
+    """One SFT row in ``fmt`` (``select.format``). Every form starts with ``id`` and
+    ``sample`` (what joins a row to a ``dk store from-api`` store) and ends with the
+    reference, teacher, sampling and verdict; ``system`` (``prompts.system``, sent to a
+    chat teacher only) is the first turn of the conversational forms."""
+    key = {"id": row["id"], "sample": s["index"]}
+    meta = {
+        "reference": row["reference"],
+        "teacher": row["teacher"],
+        "sampling": row["sampling"],
+        "verdict": s["verdict"],
+    }
+    chat = row["teacher"].get("api", "chat") == "chat"
+    sys_turn = [{"role": "system", "content": system}] if system and chat else []
+    user = [*sys_turn, {"role": "user", "content": row["prompt"]}]
+    answer = {"role": "assistant", "content": s["text"]}
+    if fmt == "messages":
+        return key | {"messages": [*user, answer]} | meta
+    if fmt == "prompt_completion":
+        if chat:  # what the teacher was sent: a conversation (TRL's conversational form)
+            return key | {"prompt": user, "completion": [answer]} | meta
+        return key | {"prompt": row["prompt"], "completion": s["text"]} | meta
+    return key | {"prompt": row["prompt"], "response": s["text"]} | meta
+
+
 def build_sft(
-    results: list[dict], out: Path, keep="correct", shortest=False, max_per_prompt=None
+    results: list[dict],
+    out: Path,
+    keep="correct",
+    shortest=False,
+    max_per_prompt=None,
+    fmt: str = "response",
+    system: str | None = None,
 ) -> int:
-    """Write the SFT JSONL (atomically); returns its number of rows."""
+    """Write the SFT JSONL (atomically) in ``fmt``; returns its number of rows."""
     tmp = out.with_suffix(".tmp")
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for row in results:
             for s in select_samples(row, keep, shortest, max_per_prompt):
-                f.write(
-                    json.dumps(
-                        {
-                            "id": row["id"],
-                            "sample": s["index"],
-                            "prompt": row["prompt"],
-                            "response": s["text"],
-                            "reference": row["reference"],
-                            "teacher": row["teacher"],
-                            "sampling": row["sampling"],
-                            "verdict": s["verdict"],
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+                f.write(json.dumps(sft_row(row, s, fmt, system), ensure_ascii=False) + "\n")
                 n += 1
         f.flush()
         os.fsync(f.fileno())
@@ -311,7 +327,7 @@ def run_generate(
         log=log,
     )
     teacher_meta = {"model": model, "api": rec.teacher.api}
-    sampling_meta = rec.sampling.model_dump(mode="json")
+    sampling_meta = rec.sampling.dump()
     writer = _Appender(out / RESULTS)
     t0 = time.monotonic()
     new_rows: list[dict] = []
@@ -337,9 +353,11 @@ def run_generate(
     elapsed = time.monotonic() - t0
     results = read_results(out / RESULTS)
     ordered = [results[p["id"]] for p in prompts if p["id"] in results]
+    sel = rec.select
     n_sft = build_sft(
-        ordered, out / SFT, rec.select.keep, rec.select.shortest, rec.select.max_per_prompt
-    )
+        ordered, out / SFT, sel.keep, sel.shortest, sel.max_per_prompt, sel.format,
+        rec.prompts.system,
+    )  # fmt: skip
     samples = sum(len(r["samples"]) for r in ordered)
     correct = sum(s["verdict"]["correct"] for r in ordered for s in r["samples"])
     solved = sum(any(s["verdict"]["correct"] for s in r["samples"]) for r in ordered)

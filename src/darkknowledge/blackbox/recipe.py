@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -91,6 +91,14 @@ class TeacherCfg(_M):
         return os.environ.get(self.api_key_env) or os.environ.get("OPENAI_API_KEY")
 
 
+# the request fields dk generate writes itself (sampling.extra_body may not set them);
+# stream: the client reads whole answers
+OWN_FIELDS = frozenset(
+    "model messages prompt n temperature top_p max_tokens max_completion_tokens seed stop "
+    "logprobs top_logprobs stream stream_options".split()
+)
+
+
 class SamplingCfg(_M):
     n: int = Field(4, ge=1, le=128)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
@@ -99,14 +107,39 @@ class SamplingCfg(_M):
     seed: int | None = 0
     stop: list[str] | None = None
     top_logprobs: int = Field(0, ge=0)  # > 0: capture logprobs (top-k per token)
+    # when set, sent instead of max_tokens (which is then unused): hosted reasoning
+    # models take only this one (chat API)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    # free fields merged into every request body (a server's own sampling knobs, e.g.
+    # vLLM's top_k, min_p, repetition_penalty, chat_template_kwargs); part of the cache key
+    extra_body: dict[str, Any] | None = None
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body(cls, v):
+        for k in v or {}:
+            if k in OWN_FIELDS:
+                raise ValueError(
+                    f"{k!r} is a field dk generate sets itself"
+                    + (f" (use sampling.{k})" if k in cls.model_fields else "")
+                )
+        return v or None
+
+    def dump(self) -> dict:
+        """What describes the sampling in results and recipe.json (fields left unset that
+        older versions did not have are left out, so their runs continue unchanged)."""
+        d = self.model_dump(mode="json")
+        for k in ("max_completion_tokens", "extra_body"):
+            if d[k] is None:
+                del d[k]
+        return d
 
     def body(self, api: str, top_logprobs: int) -> dict:
-        b = {
-            "n": self.n,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_tokens": self.max_tokens,
-        }
+        b = {"n": self.n, "temperature": self.temperature, "top_p": self.top_p}
+        if self.max_completion_tokens is not None:
+            b["max_completion_tokens"] = self.max_completion_tokens
+        else:
+            b["max_tokens"] = self.max_tokens
         if self.seed is not None:
             b["seed"] = self.seed
         if self.stop:
@@ -116,6 +149,7 @@ class SamplingCfg(_M):
                 b["logprobs"], b["top_logprobs"] = True, top_logprobs
             else:
                 b["logprobs"] = top_logprobs
+        b.update(self.extra_body or {})
         return b
 
 
@@ -128,6 +162,11 @@ class SelectCfg(_M):
     keep: Literal["correct", "all", "first"] = "correct"  # correct = rejection sampling
     shortest: bool = False  # keep only the shortest kept sample per prompt
     max_per_prompt: int | None = Field(None, ge=1)
+    # the rows of sft.jsonl (each also has id, sample, reference, teacher, sampling,
+    # verdict): response = prompt/response strings (dk's own form); messages = TRL's
+    # conversational language-modelling form [system?, user, assistant]; prompt_completion
+    # = TRL's prompt/completion (message lists for a chat teacher, strings for completions)
+    format: Literal["response", "messages", "prompt_completion"] = "response"
 
 
 class ClientCfg(_M):
@@ -162,6 +201,15 @@ class GenerateRecipe(_M):
         self._base_dir = Path(base) if base else None
         return self
 
+    @model_validator(mode="after")
+    def _api_fields(self):
+        if self.teacher.api == "completions" and self.sampling.max_completion_tokens is not None:
+            raise ValueError(
+                "sampling.max_completion_tokens is a chat API field; the completions API "
+                "takes sampling.max_tokens"
+            )
+        return self
+
     @field_validator("cache", mode="before")
     @classmethod
     def _cache(cls, v):
@@ -171,6 +219,7 @@ class GenerateRecipe(_M):
         """The resolved recipe without the API key (what goes on disk)."""
         d = self.model_dump(mode="json")
         d["teacher"].pop("api_key", None)
+        d["sampling"] = self.sampling.dump()
         return d
 
 

@@ -126,13 +126,77 @@ class TextBlocks:
 # ---------------------------------------------------------------- chat JSONL
 
 
-def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[str, str]]:
-    rows = []
+Prompt = str | list[dict]  # a prompt string, or the conversation before the answer
+
+
+def _turns(v, where: str, field: str) -> list[dict]:
+    """``v`` as a list of ``{role, content}`` messages with string values."""
+    if not isinstance(v, list) or not v:
+        raise DKError(f"{where}: {field!r} must be a non-empty list of messages")
+    for m in v:
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise DKError(f"{where}: {field!r}: every message needs a string role and content")
+    return [{"role": m["role"], "content": m["content"]} for m in v]
+
+
+def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[Prompt, str]]:
+    """(prompt, response) rows of a chat JSONL in one of three forms, told apart by the
+    first row and then required of every row:
+
+    - ``prompt_key``/``response_key`` strings (``dk generate``'s ``select.format:
+      response``);
+    - ``messages`` (TRL's conversational form): the last turn, an assistant turn, is the
+      response, the turns before it (system turn included) the prompt;
+    - ``prompt_key``/``completion`` (TRL's prompt-completion form): strings, or message
+      lists (the completion one assistant turn).
+    """
+    rows: list[tuple[Prompt, str]] = []
+    form = None
     for i, rec in iter_objects(path):
-        for k in (prompt_key, response_key):
-            if not isinstance(rec.get(k), str):
-                raise DKError(f"{path}:{i}: missing string field {k!r}")
-        rows.append((rec[prompt_key], rec[response_key]))
+        where = f"{path}:{i}"
+        if form is None:
+            if response_key in rec:
+                form, r_key = "response", response_key
+            elif "messages" in rec:
+                form = "messages"
+            elif "completion" in rec:
+                form, r_key = "completion", "completion"
+            else:
+                raise DKError(
+                    f"{where}: no {response_key!r} (data.response_key), 'messages' or "
+                    "'completion' field: not a prompt/response, messages or "
+                    "prompt/completion row"
+                )
+        if form == "messages":
+            if "messages" not in rec:
+                raise DKError(f"{where}: no 'messages' field (the file's first row has one)")
+            turns = _turns(rec["messages"], where, "messages")
+            if turns[-1]["role"] != "assistant" or len(turns) < 2:
+                raise DKError(
+                    f"{where}: 'messages' must end with an assistant turn (the response) "
+                    "after at least one turn (the prompt)"
+                )
+            rows.append((turns[:-1], turns[-1]["content"]))
+            continue
+        p, r = rec.get(prompt_key), rec.get(r_key)
+        if r is None and form == "response" and "messages" in rec:
+            raise DKError(f"{where}: a 'messages' row in a file of {response_key!r} rows")
+        if isinstance(p, list):
+            p = _turns(p, where, prompt_key)
+        elif not isinstance(p, str):
+            raise DKError(f"{where}: missing string (or message list) field {prompt_key!r}")
+        if isinstance(r, list) and form == "completion":
+            turns = _turns(r, where, r_key)
+            if len(turns) != 1 or turns[0]["role"] != "assistant":
+                raise DKError(f"{where}: {r_key!r} must be one assistant turn")
+            r = turns[0]["content"]
+        elif not isinstance(r, str):
+            raise DKError(f"{where}: missing string field {r_key!r}")
+        rows.append((p, r))
     if not rows:
         raise DKError(f"{path}: no examples")
     return rows
@@ -153,21 +217,23 @@ def read_keys(path: Path, id_key: str, sample_key: str) -> list[tuple[str, int]]
     return keys
 
 
-def render(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
+def render(tokenizer, prompt: Prompt, response: str, max_length: int) -> tuple[list[int], int]:
     """Token ids of one example and the number of prompt tokens.
 
-    With a chat template: the prompt is the template with a generation prompt, the
-    response is what the full conversation adds to it. Without one: the prompt text,
-    then the response and EOS. BOS is prepended when the tokenizer asks for it
-    (``add_bos_token``) and the rendering does not start with it — the same rule for
-    teacher and student.
+    ``prompt`` is a string (one user turn) or the conversation before the response (a
+    list of ``{role, content}`` messages, a system turn included). With a chat template:
+    the prompt is the template with a generation prompt, the response is what the full
+    conversation adds to it. Without one: the prompt text (a conversation's contents
+    joined by newlines, as ``dk serve-teacher`` feeds them), then the response and EOS.
+    BOS is prepended when the tokenizer asks for it (``add_bos_token``) and the rendering
+    does not start with it — the same rule for teacher and student.
     """
     tok = tokenizer
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tok, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        p_txt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        p_txt = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(
-            [*user, {"role": "assistant", "content": response}], tokenize=False
+            [*turns, {"role": "assistant", "content": response}], tokenize=False
         )
         if not full.startswith(p_txt):
             raise DKError(
@@ -178,7 +244,8 @@ def render(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list
         p_ids = tok(p_txt, add_special_tokens=False)["input_ids"]
         r_ids = tok(r_txt, add_special_tokens=False)["input_ids"]
     else:
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in turns)
+        p_ids = tok(text, add_special_tokens=False)["input_ids"]
         r_ids = tok(response, add_special_tokens=False)["input_ids"]
         if tok.eos_token_id is not None:
             r_ids = [*r_ids, tok.eos_token_id]
@@ -197,7 +264,7 @@ class ChatExample:
 
 
 def encode_chat(
-    rows: list[tuple[str, str]], tokenizer, max_length: int, where: str
+    rows: list[tuple[Prompt, str]], tokenizer, max_length: int, where: str
 ) -> list[ChatExample]:
     out = []
     for i, (p, r) in enumerate(rows):

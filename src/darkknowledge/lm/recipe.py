@@ -87,8 +87,9 @@ class TextData(Strict):
 
 
 class ChatData(Strict):
-    """Prompt/response JSONL, rendered with each model's own chat template; the loss is
-    on the response tokens only."""
+    """Prompt/response JSONL (or TRL's ``messages`` / ``prompt``-``completion`` rows, told
+    apart by a file's first row: ``lm.data.read_jsonl``), rendered with each model's
+    own chat template; the loss is on the response tokens only."""
 
     kind: Literal["chat"]
     train: ExistingPath
