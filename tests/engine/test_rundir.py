@@ -60,3 +60,16 @@ def test_force_replaces_a_run_made_before_the_marker(tmp_path: Path):
     (out / "report.json").write_text("{}")
     assert main(["run", str(_recipe(tmp_path)), "--out", str(out), "--force"]) == 0
     assert (out / "run.json").exists() and (out / "student" / "model.safetensors").exists()
+
+
+def test_force_never_moves_the_working_folder_aside(tmp_path: Path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["run", str(_recipe(tmp_path)), "--out", str(out)]) == 0
+    (out / "student" / "sub").mkdir()
+    for here, arg in ((out, "."), (out / "student" / "sub", str(out))):
+        monkeypatch.chdir(here)
+        capsys.readouterr()
+        assert main(["run", str(_recipe(tmp_path)), "--out", arg, "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the folder you are working in" in err, err
+        assert (out / "run.json").exists() and not list(tmp_path.glob(".run.replaced*"))

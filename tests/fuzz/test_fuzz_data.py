@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from darkknowledge.blackbox.generate import load_prompts
 from darkknowledge.blackbox.recipe import GenerateRecipe
 from darkknowledge.data.vision import load_idx_folder, read_idx
+from darkknowledge.families import validate_family
 from darkknowledge.hf.text_data import read_split
 from darkknowledge.lm.data import read_jsonl
 
@@ -86,13 +87,18 @@ def test_chat_jsonl(data):
        "{question.x}", "{question[0]}", "{", "{nope}", "{question!r}", "{question:>999}"]))  # fmt: skip
 def test_generate_prompts(data, template):
     f = _write("p.jsonl", data.draw(mutated_bytes(JSONL, DATA_TOKENS)))
-    rec = GenerateRecipe.model_validate(
-        {
-            "prompts": {"path": str(f), "template": template},
-            "teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
-        }
-    )
-    accepted_or_dkerror(load_prompts, rec)
+    body = {
+        "family": "generate",
+        "prompts": {"path": str(f), "template": template},
+        "teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+    }
+
+    def validate_and_load():  # a bad template is refused when the recipe is validated
+        _, rec = validate_family(body, base_dir=f.parent, source="g.yaml")
+        assert isinstance(rec, GenerateRecipe)
+        return load_prompts(rec)
+
+    accepted_or_dkerror(validate_and_load)
 
 
 @st.composite
