@@ -1,4 +1,4 @@
-"""LM data: plain text cut into blocks, and prompt/response JSONL with chat templates.
+"""LM data: plain text cut into blocks, and prompt/response rows with chat templates.
 
 A batch is ``input_ids (B, T)``, ``attention_mask (B, T)`` and ``labels (B, T)``, where
 ``labels[b, t]`` is the token that position t must predict (already shifted) or −100
@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ..errors import DKError
-from ..jsonl import iter_objects
 
 IGNORE = -100
 
@@ -123,32 +122,48 @@ class TextBlocks:
             yield self.batch_at(starts[i : i + batch_size], self.val_ids)
 
 
-# ---------------------------------------------------------------- chat JSONL
+# ---------------------------------------------------------------- chat data
 
 
-def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[str, str]]:
+def read_chat(path: Path, prompt_key: str, response_key: str) -> list[tuple[str, str]]:
+    """Prompt/response rows of a data file of any format :mod:`darkknowledge.rows` reads
+    (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``, a ``save_to_disk`` folder)."""
+    from ..rows import iter_rows, pick
+
     rows = []
-    for i, rec in iter_objects(path):
+    for where, rec in iter_rows(path, lambda cols, w: pick(cols, w, [prompt_key, response_key])):
         for k in (prompt_key, response_key):
             if not isinstance(rec.get(k), str):
-                raise DKError(f"{path}:{i}: missing string field {k!r}")
+                raise DKError(f"{where}: missing string field {k!r}")
         rows.append((rec[prompt_key], rec[response_key]))
     if not rows:
         raise DKError(f"{path}: no examples")
     return rows
 
 
+read_jsonl = read_chat  # its name when JSONL was the only format
+
+
 def read_keys(path: Path, id_key: str, sample_key: str) -> list[tuple[str, int]]:
     """Each row's (prompt id, sample index), the key a store of sampled responses uses."""
-    keys = []
-    for i, rec in iter_objects(path):
-        pid, smp = rec.get(id_key), rec.get(sample_key, 0)
-        if not isinstance(pid, str | int) or isinstance(pid, bool):
-            raise DKError(f"{path}:{i}: no prompt id {id_key!r} (data.id_key) to join the store by")
-        if not isinstance(smp, int) or isinstance(smp, bool) or smp < 0:
+    from ..rows import iter_rows
+
+    def select(cols: list[str], where: str) -> list[str]:
+        if id_key not in cols:
             raise DKError(
-                f"{path}:{i}: {sample_key!r} (data.sample_key) must be a sample index ≥ 0"
+                f"{where}: no prompt id column {id_key!r} (data.id_key) to join the store by"
             )
+        return [id_key, *([sample_key] if sample_key in cols else [])]
+
+    keys = []
+    for where, rec in iter_rows(path, select):
+        pid, smp = rec.get(id_key), rec.get(sample_key, 0)
+        if isinstance(smp, str) and smp.strip().isdigit():  # CSV / TSV: every value is text
+            smp = int(smp)
+        if not isinstance(pid, str | int) or isinstance(pid, bool):
+            raise DKError(f"{where}: no prompt id {id_key!r} (data.id_key) to join the store by")
+        if not isinstance(smp, int) or isinstance(smp, bool) or smp < 0:
+            raise DKError(f"{where}: {sample_key!r} (data.sample_key) must be a sample index ≥ 0")
         keys.append((str(pid), smp))
     return keys
 

@@ -87,8 +87,9 @@ class TextData(Strict):
 
 
 class ChatData(Strict):
-    """Prompt/response JSONL, rendered with each model's own chat template; the loss is
-    on the response tokens only."""
+    """Prompt/response rows (JSONL, JSON, CSV, TSV, Parquet or a ``datasets``
+    ``save_to_disk`` folder: :mod:`darkknowledge.rows`), rendered with each model's own
+    chat template; the loss is on the response tokens only."""
 
     kind: Literal["chat"]
     train: ExistingPath
