@@ -231,9 +231,9 @@ def _failure(e: BaseException) -> int:
 
 def _family(recipe_path: str) -> str:
     from .families import family_of
-    from .recipe_io import read_yaml
+    from .recipe_io import read_recipe
 
-    return family_of(read_yaml(recipe_path), recipe_path)
+    return family_of(read_recipe(recipe_path), recipe_path)
 
 
 def _dispatch(args) -> int:

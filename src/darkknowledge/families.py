@@ -111,10 +111,10 @@ def validate_family(
 
 def load_family_recipe(path: str | Path, overrides: list[str] | None = None):
     """Read a recipe file of any family with overrides: (family name, recipe, raw dict)."""
-    from .recipe_io import apply_overrides, read_yaml
+    from .recipe_io import read_recipe
 
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = read_recipe(path, overrides)
     name, recipe = validate_family(data, base_dir=path.resolve().parent, source=str(path))
     return name, recipe, data
 

@@ -166,6 +166,141 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# ---------------------------------------------------------------- extends: base recipes
+
+MAX_EXTENDS_DEPTH = 8  # a recipe extends a base that extends a base ... at most this deep
+MAX_EXTENDS_FILES = 16  # files read for one recipe's extends, all bases together
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """``over`` on top of ``base``: mappings merge key by key (recursively); a list, a
+    scalar or null replaces. Two mappings whose ``kind:`` differs do not merge: the
+    recipe's replaces the base's (``tokenizer: {kind: path, ...}`` over ``{kind: char}``
+    keeps none of the char tokenizer's keys). Keys keep the base's order, new keys after.
+    Neither argument is changed."""
+    import copy
+
+    if not isinstance(base, dict) or not isinstance(over, dict):
+        return copy.deepcopy(over)
+    if "kind" in base and "kind" in over and base["kind"] != over["kind"]:
+        return copy.deepcopy(over)
+    out = {}
+    for k in [*base, *(k for k in over if k not in base)]:
+        if k not in over:
+            out[k] = copy.deepcopy(base[k])
+        else:
+            out[k] = deep_merge(base[k], over[k]) if k in base else copy.deepcopy(over[k])
+    return out
+
+
+def _extends_list(value: Any, source: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(x, str) and x.strip() for x in items):
+        raise DKError(
+            f"{source}: extends: give a base recipe file (a path relative to this recipe) "
+            "or a list of them"
+        )
+    if len(items) > MAX_EXTENDS_FILES:
+        raise DKError(f"{source}: extends: more than {MAX_EXTENDS_FILES} base recipes")
+    return items
+
+
+def resolve_extends(
+    data: dict,
+    base_dir: Path | None,
+    source: str,
+    resolve_path: Callable[[Path], Path] | None = None,
+    path: Path | None = None,
+) -> dict:
+    """The recipe ``data`` (read from ``path``, None for a job's recipe) with its ``extends:`` bases merged under it (see
+    :func:`deep_merge`); a list of bases applies in order, each later one on top.
+
+    Each base is read with :func:`read_yaml`'s bounds and may extend others (its paths
+    relative to its own folder). ``resolve_path`` (the job service) maps or refuses every
+    base path first, as it does every other path of a job's recipe. Refused in one line
+    naming the file: a missing or unreadable base, a cycle, a chain deeper than
+    :data:`MAX_EXTENDS_DEPTH`, more than :data:`MAX_EXTENDS_FILES` files, and a base
+    whose ``family:`` differs from the recipe's."""
+    chain = (Path(path).resolve(),) if path is not None else ()
+    return _extends(data, base_dir, source, resolve_path, chain, 0, [0])
+
+
+def _extends(data, base_dir, source, resolve_path, chain: tuple[Path, ...], depth, count) -> dict:
+    if "extends" not in data:
+        return data
+    own = {k: v for k, v in data.items() if k != "extends"}
+    family, whose = own.get("family"), "this one is"
+    merged: dict | None = None
+    for item in _extends_list(data["extends"], source):
+        path = _base_path(item, base_dir, source, resolve_path)
+        if path in chain:
+            loop = " -> ".join(str(p) for p in (*chain[chain.index(path) :], path))
+            raise DKError(f"{source}: extends {_short(item)}: a cycle ({loop})")
+        if depth >= MAX_EXTENDS_DEPTH:
+            raise DKError(
+                f"{source}: extends {_short(item)}: bases nested deeper than {MAX_EXTENDS_DEPTH} levels"
+            )
+        count[0] += 1
+        if count[0] > MAX_EXTENDS_FILES:
+            raise DKError(
+                f"{source}: extends {_short(item)}: more than {MAX_EXTENDS_FILES} base recipes in all"
+            )
+        base = read_yaml(path)
+        base = _extends(
+            base, path.parent, str(path), resolve_path, (*chain, path), depth + 1, count
+        )
+        fam = base.get("family")
+        if fam is not None and family is not None and fam != family:
+            raise DKError(
+                f"{source}: extends {_short(item)}: the base is a {_one_line(repr(fam))} recipe, "
+                f"{whose} {_one_line(repr(family))}; a base must be of the recipe's family"
+            )
+        if family is None and fam is not None:
+            family, whose = fam, "an earlier base is"
+        merged = base if merged is None else deep_merge(merged, base)
+    out = deep_merge(merged, own)
+    if too_deep(out, MAX_DEPTH):
+        raise DKError(f"{source}: with its bases the recipe nests deeper than {MAX_DEPTH} levels")
+    return out
+
+
+def _base_path(item: str, base_dir, source: str, resolve_path) -> Path:
+    p = Path(item)
+    if resolve_path is not None:
+        # the service: a base of a base may be relative to that base's folder (already
+        # confined); the job's own recipe has no folder, so the service's rules apply
+        if base_dir is not None and not p.is_absolute() and ":" not in item:
+            p = Path(base_dir) / p
+        try:
+            return Path(resolve_path(p)).resolve()
+        except (ValueError, OSError, RuntimeError) as e:
+            raise DKError(f"{source}: extends: {_one_line(str(e))}") from None
+    try:
+        p = p.expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = Path(base_dir) / p
+        p = p.resolve()
+        found = p.exists()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL, a name too long, a link loop
+        raise DKError(f"{source}: extends {_short(item)}: not a usable path ({e})") from None
+    if not found:
+        raise DKError(f"{source}: extends {_short(item)}: no such recipe file ({p})")
+    return p
+
+
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A recipe file as a dict: its ``extends:`` bases merged under it, then the
+    ``key=value`` overrides on top."""
+    path = Path(path)
+    data = resolve_extends(read_yaml(path), path.resolve().parent, str(path), path=path)
+    data = apply_overrides(data, overrides or [])
+    if "extends" in data:
+        raise DKError(
+            f"{path}: extends: only a recipe file extends a base; an override cannot set it"
+        )
+    return data
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict copy.
     A numeric part indexes a list (``teacher.members.0.seed=3``)."""
@@ -277,7 +412,7 @@ def _one(e: dict, data: Any) -> str:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
     """Validate a recipe file with overrides. Returns (recipe, the raw merged dict)."""
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = read_recipe(path, overrides)
     family = data.get("family", "classify")
     if family != "classify":
         raise DKError(

@@ -228,5 +228,8 @@ RECIPES = {
 
 
 def recipe_fixture(family: str) -> dict:
+    """The shipped recipe, its ``extends:`` bases merged in, paths made absolute."""
+    from darkknowledge.recipe_io import read_recipe
+
     path = RECIPES[family]
-    return absolutise(yaml.safe_load(path.read_text()), path.parent)
+    return absolutise(read_recipe(path), path.parent)

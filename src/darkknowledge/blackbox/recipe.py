@@ -226,10 +226,10 @@ class GenerateRecipe(_M):
 def load_generate_recipe(
     path: str | Path, overrides: list[str] | None = None
 ) -> tuple[GenerateRecipe, Path]:
-    from ..recipe_io import apply_overrides, format_validation_error, read_yaml
+    from ..recipe_io import format_validation_error, read_recipe
 
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = read_recipe(path, overrides)
     fam = data.pop("family", "generate")
     if fam != "generate":
         raise DKError(f"{path}: family {fam!r}: dk generate takes 'family: generate' recipes")

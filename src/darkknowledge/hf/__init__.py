@@ -6,7 +6,7 @@
 - Encoder compression and text classification (DistilBERT route): :mod:`.layers`
   (students from a teacher's layers), :mod:`.distil_losses` (soft targets, MLM, cosine
   with projection, attention transfer, the task-agnostic triple loss), :mod:`.text_data`
-  (TSV / JSONL / ``datasets``), :mod:`.text_recipe` + :mod:`.text_pipeline`
+  (TSV / CSV / JSONL / Parquet / ``datasets``), :mod:`.text_recipe` + :mod:`.text_pipeline`
   (``family: text`` for ``dk run``).
 - Causal LMs (token-level KD, GKD): :mod:`darkknowledge.lm`, which uses this package.
 

@@ -1,14 +1,14 @@
-"""Labelled text for classification: TSV / JSONL files, or ``datasets`` objects from
-Python, tokenised once into fixed-length id tensors.
+"""Labelled text for classification: data files (TSV, CSV, JSONL, JSON, Parquet, a
+``datasets`` save_to_disk folder) or ``datasets`` objects from Python, tokenised once
+into fixed-length id tensors.
 
-A TSV has a header row naming a text column (``sentence`` or ``text``) and a ``label``
-column (as in GLUE's SST-2); a JSONL file has one object per line with the same keys.
-Labels are integers ``0 … C−1``.
+A file names a text column (``sentence`` or ``text``, or ``data.text_key``) and a
+``label`` column (as in GLUE's SST-2 TSV): a header row, JSON keys or the dataset's
+columns. Labels are integers ``0 … C−1``.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from ..errors import DKError
-from ..jsonl import iter_lines, iter_objects
 
 TEXT_KEYS = ("sentence", "text")
 
@@ -74,50 +73,37 @@ def _text_key(keys, where: str, text_key: str | None) -> str:
 def read_split(
     path: str | Path, text_key: str | None = None, label_key: str | None = "label"
 ) -> TextSplit:
-    """Read a ``.tsv`` (header row) or ``.jsonl`` file of labelled sentences."""
+    """Read labelled sentences from a data file of any format :mod:`darkknowledge.rows`
+    reads: ``.tsv`` (GLUE's SST-2) or ``.csv`` with a header row, ``.jsonl`` / ``.json``,
+    ``.parquet``, or a folder written by ``datasets``' ``save_to_disk``. Errors name the
+    file and its line (or row)."""
+    from ..rows import iter_rows, label_names
+
     path = Path(path)
-    if not path.is_file():
-        raise DKError(f"{path}: no such data file")
+    keys: dict[str, str | None] = {}
+
+    def select(columns: list[str], where: str) -> list[str]:
+        keys["text"] = _text_key(columns, where, text_key)
+        if label_key is not None and label_key not in columns:
+            raise DKError(f"{where}: no column {label_key!r} (columns: {', '.join(columns)})")
+        return [keys["text"], *([label_key] if label_key is not None else [])]
+
     texts: list[str] = []
     labels: list[int] = []
-    if path.suffix == ".tsv":
-        reader = csv.reader(
-            (line for _, line in iter_lines(path)), delimiter="\t", quoting=csv.QUOTE_NONE
-        )
-        try:
-            header = next(reader, None)
-            if not header:
-                raise DKError(f"{path}: empty file (expected a header row)")
-            tk = header.index(_text_key(header, str(path), text_key))
-            lk = None
-            if label_key is not None:
-                if label_key not in header:
-                    raise DKError(f"{path}: no column {label_key!r} (columns: {', '.join(header)})")
-                lk = header.index(label_key)
-            for row in reader:
-                n = reader.line_num
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DKError(f"{path}:{n}: {len(row)} columns, the header has {len(header)}")
-                texts.append(row[tk].strip())
-                if lk is not None:
-                    labels.append(_label(row[lk], f"{path}:{n}"))
-        except csv.Error as e:
-            raise DKError(f"{path}:{reader.line_num}: not a TSV row ({e})") from None
-    elif path.suffix in (".jsonl", ".json"):
-        for n, obj in iter_objects(path):
-            tk = _text_key(list(obj), f"{path}:{n}", text_key)
-            texts.append(str(obj[tk]).strip())
-            if label_key is not None:
-                if label_key not in obj:
-                    raise DKError(f"{path}:{n}: no key {label_key!r}")
-                labels.append(_label(obj[label_key], f"{path}:{n}"))
-    else:
-        raise DKError(f"{path}: unknown data format (expected .tsv or .jsonl)")
+    for where, row in iter_rows(path, select):
+        tk = keys.get("text") or _text_key(list(row), where, text_key)
+        value = row[tk]
+        if value is None:
+            raise DKError(f"{where}: no text in {tk!r}")
+        texts.append(str(value).strip())
+        if label_key is not None:
+            if label_key not in row:
+                raise DKError(f"{where}: no key {label_key!r}")
+            labels.append(_label(row[label_key], where))
     if not texts:
         raise DKError(f"{path}: no examples")
-    return TextSplit(texts, labels if label_key is not None else None, str(path))
+    names = label_names(path, label_key) if label_key is not None else None
+    return TextSplit(texts, labels if label_key is not None else None, str(path), names)
 
 
 def from_datasets(ds, text_key: str | None = None, label_key: str | None = "label") -> TextSplit:

@@ -37,7 +37,9 @@ TEACHER_SOURCES = ("minilm-l6",)
 
 
 class TextData(Strict):
-    # folder holding the split files; None when the splits come from Python
+    # folder holding the split files (each .tsv, .csv, .jsonl, .json, .parquet or a
+    # datasets save_to_disk folder, e.g. a saved DatasetDict's split folders: train,
+    # validation, test); None when the splits come from Python
     # (``run_text_recipe(..., splits=(train, dev, test))``, e.g. from ``from_datasets``)
     path: ExistingPath | None = None
     train: str = "train.tsv"

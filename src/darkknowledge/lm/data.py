@@ -1,4 +1,4 @@
-"""LM data: plain text cut into blocks, and prompt/response JSONL with chat templates.
+"""LM data: plain text cut into blocks, and prompt/response rows with chat templates.
 
 A batch is ``input_ids (B, T)``, ``attention_mask (B, T)`` and ``labels (B, T)``, where
 ``labels[b, t]`` is the token that position t must predict (already shifted) or −100
@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ..errors import DKError
-from ..jsonl import iter_objects
 
 IGNORE = -100
 
@@ -123,7 +122,7 @@ class TextBlocks:
             yield self.batch_at(starts[i : i + batch_size], self.val_ids)
 
 
-# ---------------------------------------------------------------- chat JSONL
+# ---------------------------------------------------------------- chat data
 
 
 Prompt = str | list[dict]  # a prompt string, or the conversation before the answer
@@ -143,9 +142,11 @@ def _turns(v, where: str, field: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in v]
 
 
-def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[Prompt, str]]:
-    """(prompt, response) rows of a chat JSONL in one of three forms, told apart by the
-    first row and then required of every row:
+def read_chat(path: Path, prompt_key: str, response_key: str) -> list[tuple[Prompt, str]]:
+    """(prompt, response) rows of a chat data file of any format :mod:`darkknowledge.rows`
+    reads (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``, a ``save_to_disk``
+    folder) in one of three forms, told apart by the first row (or the columns) and then
+    required of every row:
 
     - ``prompt_key``/``response_key`` strings (``dk generate``'s ``select.format:
       response``);
@@ -154,10 +155,18 @@ def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[Pro
     - ``prompt_key``/``completion`` (TRL's prompt-completion form): strings, or message
       lists (the completion one assistant turn).
     """
+    from ..rows import iter_rows, pick
+
+    def select(cols: list[str], where: str) -> list[str]:  # columnar files: what to read
+        if response_key in cols:
+            return pick(cols, where, [prompt_key, response_key])
+        if "messages" in cols:
+            return ["messages"]
+        return pick(cols, where, [prompt_key, "completion"])
+
     rows: list[tuple[Prompt, str]] = []
     form = None
-    for i, rec in iter_objects(path):
-        where = f"{path}:{i}"
+    for where, rec in iter_rows(path, select):
         if form is None:
             if response_key in rec:
                 form, r_key = "response", response_key
@@ -202,17 +211,29 @@ def read_jsonl(path: Path, prompt_key: str, response_key: str) -> list[tuple[Pro
     return rows
 
 
+read_jsonl = read_chat  # its name when JSONL was the only format
+
+
 def read_keys(path: Path, id_key: str, sample_key: str) -> list[tuple[str, int]]:
     """Each row's (prompt id, sample index), the key a store of sampled responses uses."""
-    keys = []
-    for i, rec in iter_objects(path):
-        pid, smp = rec.get(id_key), rec.get(sample_key, 0)
-        if not isinstance(pid, str | int) or isinstance(pid, bool):
-            raise DKError(f"{path}:{i}: no prompt id {id_key!r} (data.id_key) to join the store by")
-        if not isinstance(smp, int) or isinstance(smp, bool) or smp < 0:
+    from ..rows import iter_rows
+
+    def select(cols: list[str], where: str) -> list[str]:
+        if id_key not in cols:
             raise DKError(
-                f"{path}:{i}: {sample_key!r} (data.sample_key) must be a sample index ≥ 0"
+                f"{where}: no prompt id column {id_key!r} (data.id_key) to join the store by"
             )
+        return [id_key, *([sample_key] if sample_key in cols else [])]
+
+    keys = []
+    for where, rec in iter_rows(path, select):
+        pid, smp = rec.get(id_key), rec.get(sample_key, 0)
+        if isinstance(smp, str) and smp.strip().isdigit():  # CSV / TSV: every value is text
+            smp = int(smp)
+        if not isinstance(pid, str | int) or isinstance(pid, bool):
+            raise DKError(f"{where}: no prompt id {id_key!r} (data.id_key) to join the store by")
+        if not isinstance(smp, int) or isinstance(smp, bool) or smp < 0:
+            raise DKError(f"{where}: {sample_key!r} (data.sample_key) must be a sample index ≥ 0")
         keys.append((str(pid), smp))
     return keys
 

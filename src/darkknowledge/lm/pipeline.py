@@ -56,7 +56,7 @@ from .data import (
     TextBlocks,
     collate,
     encode_chat,
-    read_jsonl,
+    read_chat,
     read_keys,
     read_text,
 )
@@ -200,9 +200,9 @@ class Data:
             self.max_length = d.block_size
             return
         assert isinstance(d, ChatData)
-        rows = read_jsonl(d.train, d.prompt_key, d.response_key)
+        rows = read_chat(d.train, d.prompt_key, d.response_key)
         if d.val is not None:
-            val_rows = read_jsonl(d.val, d.prompt_key, d.response_key)
+            val_rows = read_chat(d.val, d.prompt_key, d.response_key)
         else:
             n_val = max(1, int(len(rows) * d.val_fraction))
             if n_val >= len(rows):

@@ -87,9 +87,10 @@ class TextData(Strict):
 
 
 class ChatData(Strict):
-    """Prompt/response JSONL (or TRL's ``messages`` / ``prompt``-``completion`` rows, told
-    apart by a file's first row: ``lm.data.read_jsonl``), rendered with each model's
-    own chat template; the loss is on the response tokens only."""
+    """Prompt/response rows, or TRL's ``messages`` / ``prompt``-``completion`` rows (told
+    apart by a file's first row: ``lm.data.read_chat``), in JSONL, JSON, CSV, TSV, Parquet
+    or a ``datasets`` ``save_to_disk`` folder (:mod:`darkknowledge.rows`), rendered with
+    each model's own chat template; the loss is on the response tokens only."""
 
     kind: Literal["chat"]
     train: ExistingPath

@@ -110,13 +110,16 @@ def validate_job_recipe(settings: ServiceSettings, db: Session, owner: Token, re
     import yaml
 
     from ..families import family_of, validate_family
+    from ..recipe_io import resolve_extends
 
+    resolver = path_resolver(settings, db, owner)
+    # a base recipe (extends:) is a path like any other: confined to the data roots
+    recipe = resolve_extends(recipe, None, "recipe", resolve_path=resolver)
     fam = family_of(recipe, "recipe")
     if fam not in TRAINING_FAMILIES:
         raise DKError(
             f"family: {fam!r} is not a training recipe; jobs take {', '.join(TRAINING_FAMILIES)}"
         )
-    resolver = path_resolver(settings, db, owner)
     name, r = validate_family(recipe, source="recipe", resolve_path=resolver)
     resolved = yaml.safe_load(dump_recipe(r))
     return resolved if name == "classify" else {"family": name, **resolved}
