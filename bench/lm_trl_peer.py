@@ -47,14 +47,14 @@ def peak_rss_mb() -> float:
 def prepare(teacher: Path, n_examples: int) -> dict:
     """Student init folder, JSONL of prompt/response windows, the recipe for our side."""
     import torch
-    import yaml
 
     from darkknowledge.families import validate_family
     from darkknowledge.hf import io as hfio
     from darkknowledge.lm import pipeline as P
+    from darkknowledge.recipe_io import read_recipe
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    raw = yaml.safe_load((ROOT / "recipes/lm/shakespeare_char_gkd.yaml").read_text())
+    raw = read_recipe(ROOT / "recipes/lm/shakespeare_char_gkd.yaml")  # extends: resolved
     _, rec = validate_family(raw, base_dir=ROOT / "recipes/lm")
     s_tok, _, text = P.load_tokenizers(rec)
     tok = hfio.load_tokenizer(teacher)
@@ -77,13 +77,13 @@ def prepare(teacher: Path, n_examples: int) -> dict:
 
 def run_ours(steps: int, out: Path) -> dict:
     import torch
-    import yaml
 
     torch.set_num_threads(1)
     from darkknowledge.families import validate_family
     from darkknowledge.lm.pipeline import run_lm_recipe
+    from darkknowledge.recipe_io import read_recipe
 
-    raw = yaml.safe_load((ROOT / "recipes/lm/shakespeare_char_gkd.yaml").read_text())
+    raw = read_recipe(ROOT / "recipes/lm/shakespeare_char_gkd.yaml")  # extends: resolved
     raw["teacher"] = {"model": {"path": str(CACHE / "teacher")}}
     raw["student"] = {"model": {"path": str(CACHE / "student_init")}}
     raw["tokenizer"] = None
@@ -158,14 +158,14 @@ def run_trl(steps: int, out: Path) -> dict:
 
 def evaluate(model: str) -> float:
     import torch
-    import yaml
 
     torch.set_num_threads(1)
     from darkknowledge.families import validate_family
     from darkknowledge.hf import io as hfio
     from darkknowledge.lm import pipeline as P
+    from darkknowledge.recipe_io import read_recipe
 
-    raw = yaml.safe_load((ROOT / "recipes/lm/shakespeare_char_gkd.yaml").read_text())
+    raw = read_recipe(ROOT / "recipes/lm/shakespeare_char_gkd.yaml")  # extends: resolved
     _, rec = validate_family(raw, base_dir=ROOT / "recipes/lm")
     s_tok, _, text = P.load_tokenizers(rec)
     data = P.Data(rec, s_tok, None, text)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from darkknowledge.errors import DKError
 from darkknowledge.families import validate_family
@@ -216,11 +215,11 @@ def test_chat_data_masks_prompt_and_padding_each_with_its_own_template(tmp_path)
 @pytest.mark.skipif(not GPT2_TOK.exists(), reason="GPT-2 tokenizer not present")
 def test_gpt2_bpe_recipe_validates_and_runs(tmp_path):
     root = Path(__file__).resolve().parents[2]
-    raw = yaml.safe_load((root / "recipes/lm/shakespeare_gpt2_bpe.yaml").read_text())
-    raw["train"].update(steps=2, eval_every=2)
-    raw["teacher"]["train"].update(steps=2, eval_every=2)
-    raw["data"]["val_blocks"] = 2
-    _, rec = validate_family(raw, base_dir=root / "recipes/lm")
+    from darkknowledge.families import load_family_recipe
+
+    over = ["train.steps=2", "train.eval_every=2", "teacher.train.steps=2",
+            "teacher.train.eval_every=2", "data.val_blocks=2"]  # fmt: skip
+    _, rec, _ = load_family_recipe(root / "recipes/lm/shakespeare_gpt2_bpe.yaml", over)
     P.run_lm_recipe(rec, tmp_path / "g")
     assert json.loads((tmp_path / "g" / "preflight.json").read_text())["vocab"] == 50257
 
