@@ -109,7 +109,8 @@ def test_dashboard_submit_and_watch_a_job(server, browser, tmp_path):
     rows = [r.text for r in b.find_elements(By.CSS_SELECTOR, "#report tr")][1:]
     assert [r.split()[0] for r in rows] == ["teacher", "student"]
     plots = b.find_elements(By.CSS_SELECTOR, "img.plot")
-    assert len(plots) == 2
+    names = sorted(img.get_attribute("alt") for img in plots)
+    assert names == ["accuracy_vs_size.png", "curves.png", "reliability.png"], names
     for img in plots:  # the plots really loaded (through the cookie-authenticated API)
         _wait(lambda img=img: b.execute_script("return arguments[0].complete", img), 10, "plot")
         assert b.execute_script("return arguments[0].naturalWidth", img) > 100
