@@ -33,8 +33,9 @@ RECIPE = {
     "teacher": {
         "kind": "ensemble",
         "combine": "prob_mean",
-        # shortened for 2 shared CPU cores: 1 epoch per member (the pinned recipe
-        # trains 15); this changes the teacher's quality, not what a step costs.
+        # shortened for 2 shared CPU cores: 1 epoch per member (the Fashion recipe of
+        # the time trained three width-64 CNNs for 15; docs/results/store.md); this
+        # changes the teacher's quality, not what a step costs.
         "members": [
             {
                 "model": {"name": "small_cnn", "width": 32},

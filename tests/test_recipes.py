@@ -20,3 +20,16 @@ def test_recipe_validates(path):
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     family, recipe, _ = load_family_recipe(path)
     assert family != "classify" or recipe.student is not None
+
+
+def test_top_level_fashion_recipe_is_the_published_one():
+    """recipes/cnn-ensemble_to_mlp800_fashion.yaml must be the recipe behind
+    docs/results/hinton2015/fashion.md (recipes/hinton2015/...), bar its name."""
+    if not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    name = "cnn-ensemble_to_mlp800_fashion.yaml"
+    top, published = (
+        load_family_recipe(ROOT / "recipes" / d / name)[1].model_dump(exclude={"name"})
+        for d in ("", "hinton2015")
+    )
+    assert top == published

@@ -172,4 +172,12 @@ def test_dashboard_pages_render(server, alice):
         page = web.get(f"/ui/jobs/{done[-1]['id']}")
         assert page.status_code == 200 and 'id="report"' in page.text
         assert web.get("/ui/jobs/99999999999").status_code == 404
-        assert "<script>alert" not in web.get("/ui/jobs").text
+        # a refused form comes back with what was typed, every field escaped
+        payload = '"><script>alert("dk")</script><img src=x onerror=alert(1)>'
+        r = web.post(
+            "/ui/jobs",
+            data={"name": payload, "recipe": f"data: {{name: '{payload}'}}\n# {payload}\n"},
+        )
+        assert r.status_code == 422
+        assert r.text.count("&lt;script&gt;alert(") == 4  # the error, the name, the recipe ×2
+        assert "<script>alert" not in r.text and "<img src=x" not in r.text

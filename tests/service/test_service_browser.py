@@ -109,7 +109,8 @@ def test_dashboard_submit_and_watch_a_job(server, browser, tmp_path):
     rows = [r.text for r in b.find_elements(By.CSS_SELECTOR, "#report tr")][1:]
     assert [r.split()[0] for r in rows] == ["teacher", "student"]
     plots = b.find_elements(By.CSS_SELECTOR, "img.plot")
-    assert len(plots) == 2
+    names = sorted(img.get_attribute("alt") for img in plots)
+    assert names == ["accuracy_vs_size.png", "curves.png", "reliability.png"], names
     for img in plots:  # the plots really loaded (through the cookie-authenticated API)
         _wait(lambda img=img: b.execute_script("return arguments[0].complete", img), 10, "plot")
         assert b.execute_script("return arguments[0].naturalWidth", img) > 100
@@ -119,3 +120,70 @@ def test_dashboard_submit_and_watch_a_job(server, browser, tmp_path):
     b.find_element(By.LINK_TEXT, "darkknowledge").click()
     listing = find(By.ID, "jobs").text
     assert "from the browser" in listing and "succeeded" in listing
+
+
+# Script payloads in every field a user controls that the dashboard shows: the job name
+# (form), a name inside the recipe (shown in the job page's recipe), and a bad value that
+# the refusal message quotes back. Each would set window.dkXss if it ran.
+XSS_NAME = '<script>window.dkXss = "name"</script><img src=x onerror="window.dkXss=\'img\'">'
+XSS_RECIPE = '<script>window.dkXss = "recipe"</script>'
+XSS_BAD = '<img src=x onerror="window.dkXss=3">'
+
+
+def test_dashboard_shows_script_payloads_as_text(server, browser):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    token = server.token("xss")
+    b = browser
+    b.delete_all_cookies()
+    b.get(server.url + "/ui/login")
+    b.find_element(By.ID, "token").send_keys(token)
+    b.find_element(By.ID, "login").click()
+    _wait(lambda: b.current_url.endswith("/ui/jobs"), 20, "the job list")
+
+    def find(by, value, timeout: float = 20):
+        return _wait(lambda: b.find_elements(by, value), timeout, value)[0]
+
+    def assert_inert():
+        time.sleep(0.5)  # an onerror fires once the broken image has failed to load
+        ran = b.execute_script("return window.dkXss === undefined ? null : window.dkXss")
+        assert ran is None, f"a payload ran on {b.current_url}: window.dkXss = {ran!r}"
+        added = b.find_elements(By.CSS_SELECTOR, "h1 *, #jobs script, #jobs img, pre *, .error *")
+        assert not added, f"a payload added {[e.tag_name for e in added]} to {b.current_url}"
+
+    # a refusal quotes the bad value: as text
+    find(By.ID, "recipe").clear()
+    b.find_element(By.ID, "recipe").send_keys(
+        f"data: {{name: digits}}\nstudent: {{model: {{name: '{XSS_BAD}'}}}}\n"
+    )
+    b.find_element(By.ID, "submit").click()
+    error = find(By.ID, "error")
+    assert_inert()
+    assert XSS_BAD in error.text  # quoted, as text
+
+    # a job named with a script, whose recipe holds another
+    box = find(By.ID, "recipe")
+    box.clear()
+    long = RECIPE.replace("epochs: 3", "epochs: 500")  # it does not end (and reload) mid-test
+    box.send_keys(f"name: '{XSS_RECIPE}'\n" + long)
+    b.find_element(By.ID, "name").send_keys(XSS_NAME)
+    b.find_element(By.ID, "submit").click()
+    _wait(lambda: "/ui/jobs/" in b.current_url, 20, "the job page")
+    job_id = int(b.current_url.rsplit("/", 1)[1])
+    h1 = find(By.TAG_NAME, "h1")
+    assert_inert()
+    assert XSS_NAME in h1.text  # shown, as text
+    assert XSS_RECIPE in b.find_elements(By.TAG_NAME, "pre")[-1].text
+    b.find_element(By.LINK_TEXT, "darkknowledge").click()
+    listing = find(By.ID, "jobs")
+    assert_inert()
+    assert XSS_NAME in listing.text
+
+    # and the served HTML holds them escaped
+    with httpx.Client(base_url=server.url, cookies={"dk_token": token}, timeout=30) as web:
+        for html in (web.get("/ui/jobs").text, web.get(f"/ui/jobs/{job_id}").text):
+            assert "<script>window.dkXss" not in html and "<img src=x" not in html
+            assert "&lt;script&gt;window.dkXss" in html
+    with server.client(token) as c:  # no need to train it
+        assert c.post(f"/jobs/{job_id}/cancel").status_code == 200

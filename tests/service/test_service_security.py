@@ -203,13 +203,47 @@ def test_unknown_component_or_import_path_is_422(server, alice, patch, key):
         assert isinstance(detail, str) and detail.startswith(f"recipe: {key}"), detail
 
 
+def _every_stored_value(server) -> list[str]:
+    """Every cell of every table, read through a real connection to the database: sqlite3
+    (which reads the WAL, where a fresh commit may still sit) or psycopg on PostgreSQL."""
+    cells: list[str] = []
+    if server.db_url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(str(server.data_dir / "service.db"), timeout=60)
+        try:
+            tables = [
+                t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+            for t in tables:
+                for row in conn.execute(f'SELECT * FROM "{t}"'):
+                    cells += [str(v) for v in row]
+        finally:
+            conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(server.db_url, connect_timeout=10) as conn:
+            tables = [t for (t,) in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]  # fmt: skip
+            for t in tables:
+                for row in conn.execute(f'SELECT * FROM "{t}"'):
+                    cells += [str(v) for v in row]
+    assert cells, "read nothing from the database"
+    return cells
+
+
 def test_a_token_is_stored_only_as_its_hash(server):
+    from darkknowledge.service.auth import hash_token
+
     token = server.token_in_process("carol")
     assert token.startswith("dk_") and len(token) > 40
-    raw = (
-        (server.data_dir / "service.db").read_bytes() if server.db_url.startswith("sqlite") else b""
-    )
-    assert token.encode() not in raw
+    cells = _every_stored_value(server)
+    assert not [c for c in cells if token in c], "the plain token is stored in the database"
+    assert hash_token(token) in cells, "the token's SHA-256 hash is not stored"
+    if server.db_url.startswith("sqlite"):  # nor in the raw files, WAL included
+        for f in server.data_dir.glob("service.db*"):
+            assert token.encode() not in f.read_bytes(), f"plain token in {f.name}"
     res = __import__("subprocess").run(
         server._dk("serve", "token", "create", "carol"),
         env=server.env,
