@@ -182,3 +182,22 @@ def test_tsv_non_utf8_and_oversized_field_name_the_line(tmp_path):
     f.write_bytes(b"sentence\tlabel\n" + b"x" * 200_000 + b"\t1\n")
     with pytest.raises(DKError, match=r"d.tsv:2: not a TSV row"):
         read_split(f)
+
+
+def test_a_gzip_bomb_in_an_idx_file_stops_at_the_cap(tmp_path, monkeypatch):
+    """A gzipped IDX file is decompressed in pieces and refused past IDX_MAX_BYTES, so a
+    small file that expands to gigabytes is one line, not all of the memory."""
+    import gzip
+
+    from darkknowledge.data import vision
+    from darkknowledge.errors import DKError
+
+    monkeypatch.setattr(vision, "IDX_MAX_BYTES", 1 << 20)
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(bytes(64 << 20)))  # 64 MB of zeros, ~64 KB on disk
+    with pytest.raises(DKError, match="decompresses to more than"):
+        vision.read_idx(bomb)
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(gzip.compress(bytes(1000))[:-12])
+    with pytest.raises(DKError, match="corrupt gzip"):
+        vision.read_idx(cut)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +64,38 @@ class DataSplits:
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+IDX_MAX_BYTES = 4 << 30  # an IDX file larger than this is refused (4 GiB)
+
+
+def _gunzip(raw: bytes, path: Path) -> bytes:
+    """Decompress in pieces, stopping past IDX_MAX_BYTES (a gzip bomb is one line, not
+    all of the memory)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out, n, view = [], 0, memoryview(raw)
+    for i in range(0, len(raw), 1 << 20):
+        piece = d.decompress(view[i : i + (1 << 20)], IDX_MAX_BYTES + 1 - n)
+        while True:
+            out.append(piece)
+            n += len(piece)
+            if n > IDX_MAX_BYTES:
+                raise DKError(f"{path}: decompresses to more than {IDX_MAX_BYTES / 2**30:g} GiB")
+            if not d.unconsumed_tail:
+                break
+            piece = d.decompress(d.unconsumed_tail, IDX_MAX_BYTES + 1 - n)
+        if d.eof:
+            break
+    if not d.eof:
+        raise DKError(f"{path}: corrupt gzip data (truncated)")
+    return b"".join(out)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (optionally gzipped) into an array of its stored shape."""
     path = Path(path)
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            raw = _gunzip(raw, path)
     except OSError as e:
         raise DKError(f"{path}: cannot read IDX file ({e.strerror or e})") from None
     except (EOFError, gzip.BadGzipFile) as e:
