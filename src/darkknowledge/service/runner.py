@@ -122,6 +122,9 @@ def child_main(job_dir: Path, resolved: dict, threads: int, log_path: Path) -> N
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    from ..console import configure
+
+    configure()  # progress and info lines go to the job's log
     code = run_job(job_dir, resolved, threads)
     sys.stdout.flush()
     sys.stderr.flush()
