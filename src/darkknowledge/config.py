@@ -16,7 +16,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
+    field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -204,6 +208,32 @@ class TrainConfig(Strict):
     checkpoint_every: PosInt | None = None  # steps; None: at the end of every epoch
     eval_every: PosInt | None = None  # steps; None: at the end of every epoch
     log_every: PosInt = 50  # steps between metrics.jsonl lines
+    # experiment trackers that get every metrics.jsonl number too (engine/trackers.py);
+    # each writes into the model's run folder (tensorboard: FOLDER/tb/)
+    report_to: tuple[Literal["tensorboard", "mlflow", "wandb", "trackio"], ...] = ()
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v):
+        return [v] if isinstance(v, str) else v  # report_to: tensorboard
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, v):
+        from .engine.trackers import missing
+
+        for name in v:
+            why = missing(name)
+            if why is not None:
+                raise ValueError(why)
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo):
+        d = handler(self)
+        if not self.report_to and isinstance(d, dict):
+            d.pop("report_to", None)  # recipes without it dump (and fingerprint) as before
+        return d
 
     @model_validator(mode="before")
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 COMMANDS = ("generate", "serve-teacher")
@@ -20,7 +20,6 @@ def add_blackbox_parsers(sub) -> None:
     g.add_argument("overrides", nargs="*", help="key.sub=value")
     g.add_argument("--out", help="output folder (default runs/generate/<recipe name>)")
     g.add_argument("--force", action="store_true", help="start over (the cache is kept)")
-    g.add_argument("-v", "--verbose", action="store_true", help="log retries and benched endpoints")
 
     s = sub.add_parser(
         "serve-teacher",
@@ -41,7 +40,7 @@ def blackbox_main(args) -> int:
 
         rec, base = load_generate_recipe(args.recipe, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / "generate" / Path(args.recipe).stem
-        log = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
+        log = logging.getLogger("darkknowledge.blackbox.client").debug  # dk -v: retries
         print(run_generate(rec, out, base_dir=base, force=args.force, log=log))
         return 0
     if args.cmd == "serve-teacher":

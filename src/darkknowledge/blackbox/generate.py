@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 
+from ..console import Progress
 from ..errors import DKError
 from ..jsonl import iter_lines, loads
 from .budget import Budget, BudgetExhausted
@@ -37,6 +38,8 @@ SFT = "sft.jsonl"
 SUMMARY = "summary.json"
 RECIPE = "recipe.json"  # the marker: which recipe (and tool) made the folder
 CACHE = "cache.jsonl"
+
+_log = logging.getLogger(__name__)
 
 
 class _Fmt(dict):
@@ -293,10 +296,11 @@ def run_generate(
     urls = rec.teacher.urls()
     model = rec.teacher.model_name()
     if rec.sampling.top_logprobs > rec.teacher.max_top_logprobs:
-        print(
-            f"note: sampling.top_logprobs={rec.sampling.top_logprobs} is above the server's "
-            f"cap teacher.max_top_logprobs={rec.teacher.max_top_logprobs}; using the cap",
-            file=sys.stderr,
+        _log.warning(
+            "sampling.top_logprobs=%s is above the server's cap teacher.max_top_logprobs=%s; "
+            "using the cap",
+            rec.sampling.top_logprobs,
+            rec.teacher.max_top_logprobs,
         )
     verify = build_verifier(rec.verifier.name, rec.verifier.params)
     check_generate_folder(out, force)  # everything is checked before --force deletes
@@ -329,6 +333,22 @@ def run_generate(
     teacher_meta = {"model": model, "api": rec.teacher.api}
     sampling_meta = rec.sampling.dump()
     writer = _Appender(out / RESULTS)
+    sel = rec.select
+    accepted = sum(
+        len(select_samples(r, sel.keep, sel.shortest, sel.max_per_prompt)) for r in done.values()
+    )
+    priced = rec.budget.price_input_per_m > 0 or rec.budget.price_output_per_m > 0
+    bar = Progress(len(prompts), len(prompts) - len(todo), "generate", unit="prompt",
+                   logger=_log)  # fmt: skip
+
+    def advance(row: dict) -> None:
+        nonlocal accepted
+        accepted += len(select_samples(row, sel.keep, sel.shortest, sel.max_per_prompt))
+        fields = {"accepted": accepted, "tokens": budget.tokens}
+        if priced:
+            fields["cost"] = f"${budget.cost:.4f}"
+        bar.update(bar.n + 1, **fields)
+
     t0 = time.monotonic()
     new_rows: list[dict] = []
     timing: dict = {}
@@ -345,9 +365,11 @@ def run_generate(
                 teacher_meta,
                 sampling_meta,
                 timing,
+                advance,
             )
         )
     finally:
+        bar.close()
         writer.close()
         cache.close()
     elapsed = time.monotonic() - t0
@@ -403,8 +425,9 @@ def run_generate(
 
 
 async def _loop(
-    rec, client, todo, model, verify, writer, new_rows, teacher_meta, sampling_meta, timing
-):
+    rec, client, todo, model, verify, writer, new_rows, teacher_meta, sampling_meta, timing,
+    advance=None,
+):  # fmt: skip
     """Workers take prompts from a queue. On a fatal error or a spent budget no new prompt
     is started; the requests in flight finish (so nothing answered is thrown away)."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -452,6 +475,8 @@ async def _loop(
             }
             writer.write(row)
             new_rows.append(row)
+            if advance is not None:
+                advance(row)
 
     async with client:
         t = time.monotonic()

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
+import logging
 from pathlib import Path
 
-from tqdm import tqdm
+from ..console import Progress as _Progress
+
+_log = logging.getLogger(__name__)
 
 
 class MetricsLog:
     """Append-only JSON lines; on resume, lines written after the checkpoint are cut."""
 
-    def __init__(self, path: Path | None, offset: int, resume: bool):
+    def __init__(self, path: Path | None, offset: int, resume: bool, trackers=None):
         self.path = path
         self.f = None
+        self.trackers = trackers  # train.report_to: each line mirrored there too
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,8 +32,12 @@ class MetricsLog:
         if self.f is not None:
             self.f.write(json.dumps(rec) + "\n")
             self.f.flush()
+        if self.trackers is not None:
+            self.trackers.write(rec)
 
     def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
         if self.f is not None:
             self.f.close()
             self.f = None
@@ -41,39 +47,26 @@ class MetricsLog:
 
 
 class Progress:
-    """A bar on a terminal; elsewhere (a log file, CI) a line every ``every_s`` seconds
-    with step, loss, rate and time left."""
+    """The engine's progress: a bar on a terminal; elsewhere (a log file, CI) a line with
+    step, loss, rate and time left every ``DK_PROGRESS_EVERY_S`` seconds (30), and one at
+    each evaluation with its numbers."""
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool, every_s: float = 30):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.every_s, self.t0, self.s0 = every_s, time.perf_counter(), initial
-        self.last = self.t0
-        self.bar = (
-            tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False,
-                 dynamic_ncols=True)
-            if self.tty else None
-        )  # fmt: skip
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, every_s=None):
+        self.p = _Progress(total, initial, desc, unit="step", enabled=enabled,
+                           logger=_log, every_s=every_s)  # fmt: skip
 
     def update(self, step: int, loss: float | None, **extra) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            post = {"loss": f"{loss:.4f}"} if loss is not None else {}
-            self.bar.set_postfix(post | {k: f"{v:.3f}" for k, v in extra.items()})
-            return
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < self.every_s:  # short runs stay quiet
-            return
-        self.last = now
-        rate = (step - self.s0) / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        loss_s = f" loss {loss:.4f}" if loss is not None else ""
-        print(
-            f"{self.desc}: step {step}/{self.total}{loss_s} {rate:.2f} steps/s ETA {eta:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        fields = {"loss": loss} if loss is not None else {}
+        self.p.update(step, **fields, **extra)
+
+    def evaluation(self, rec: dict) -> None:
+        """The line of an evaluation: its record's numbers (not step/epoch/time)."""
+        skip = {"step", "epoch", "elapsed_s", "stop"}
+        self.p.line(**{k: v for k, v in rec.items() if k not in skip and _number(v)})
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.p.close()
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -19,6 +19,7 @@ ends with the same weights as one that never stopped.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ from ..errors import DKError
 from . import checkpoint, rundir
 from .log import MetricsLog, Progress
 from .optim import Schedule, build_optimizer
+from .trackers import Trackers
+
+_log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
@@ -142,13 +146,19 @@ def train(
         torch.manual_seed(fresh_seed + 1_000_003 * st.rank)
     elif st.world > 1:  # each process its own dropout stream (one stream repeats masks)
         torch.manual_seed(cfg.seed + 1_000_003 * (st.rank + 1))
+    main_folder = folder if folder is not None and st.is_main else None
     log = MetricsLog(
-        folder / "metrics.jsonl" if folder is not None and st.is_main else None,
+        main_folder / "metrics.jsonl" if main_folder is not None else None,
         metrics_offset,
         resume,
-    )
+        Trackers(cfg.report_to, main_folder, "/".join(folder.parts[-2:]) if folder else desc,
+                 resumed_from),
+    )  # fmt: skip
     if resumed_from:
         log.write({"event": "resume", "step": step, "phase": desc, "processes": st.world})
+    _log.debug("%s: steps %d-%d (%d per epoch), batch %d, %d process(es), device %s%s",
+               desc, step, total, spe, cfg.batch_size, st.world, dev,
+               f", report_to {list(cfg.report_to)}" if cfg.report_to else "")  # fmt: skip
     ckpt_every = cfg.checkpoint_every or spe
     eval_every = cfg.eval_every or spe
     progress = Progress(total, step, desc, enabled=st.is_main)
@@ -198,6 +208,7 @@ def train(
             since_eval, n_since = 0.0, 0
             history.append(rec)
             log.write(rec)
+            progress.evaluation(rec)
             if rec.get("stop"):  # the task's early stop (after its evaluation)
                 break
         if ckpt is not None and step % ckpt_every == 0 and step < total:

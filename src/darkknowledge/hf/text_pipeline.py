@@ -26,11 +26,11 @@ per process); process 0 alone writes files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -63,10 +63,12 @@ from .text_recipe import TextLoss, TextRecipe, Variant
 CLF = "AutoModelForSequenceClassification"
 
 
+_logger = logging.getLogger(__name__)
+
+
 def _log(msg: str) -> None:
-    if not dist.is_main():
-        return
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    if dist.is_main():
+        _logger.info(msg)
 
 
 def _write_json(path: Path, obj) -> None:

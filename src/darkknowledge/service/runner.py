@@ -122,7 +122,15 @@ def child_main(job_dir: Path, resolved: dict, threads: int, log_path: Path) -> N
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    code = run_job(job_dir, resolved, threads)
+    from ..console import configure
+    from ..errors import DKError
+
+    try:
+        configure()  # progress and info lines go to the job's log
+        code = run_job(job_dir, resolved, threads)
+    except DKError as e:  # a bad DK_PROGRESS_EVERY_S
+        print(f"error: {e}", flush=True)
+        code = 2
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -9,8 +9,8 @@ one written in a single run.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from .. import dist
+from ..console import Progress
 from ..errors import DKError
 from ..signals import Batch, Teacher
 from . import fingerprint as fp
@@ -44,6 +44,8 @@ from .format import (
 )
 from .manifest import parse_manifest
 from .reader import SignalStore, read_manifest
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -233,16 +235,15 @@ def label(
         or (spec.tail_prior and not _shard_ok(shard_dir / tailsum_name(i)))
     ]
     mine = sum(min(spec.shard_size, n - i * spec.shard_size) for i in dist.shard_range(n_shards))
-    bar = tqdm(
-        total=mine,
-        initial=mine - sum(min(spec.shard_size, n - i * spec.shard_size) for i in todo),
-        desc=f"label {out.name}",
-        unit="ex",
-        file=sys.stderr,
-        disable=None if progress and dist.is_main() else True,
-        leave=False,
-        dynamic_ncols=True,
+    bar = Progress(
+        mine,
+        mine - sum(min(spec.shard_size, n - i * spec.shard_size) for i in todo),
+        f"label {out.name}",
+        unit="example",
+        enabled=progress and dist.is_main(),
+        logger=_log,
     )
+    done = bar.n
     with _hidden_hooks(teacher, spec.hidden) as captured, _skip_head(head_mod, captured):
         for i in todo:
             lo, hi = i * spec.shard_size, min((i + 1) * spec.shard_size, n)
@@ -256,7 +257,8 @@ def label(
                 parts.append(_encode(sig.logits, spec, vocab, captured, m))
                 if tail_sum is not None:
                     tail_sum += parts[-1].pop("tail_sum")
-                bar.update(e - b)
+                done += e - b
+                bar.update(done)
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             if tail_sum is not None:  # before the shard: a shard implies its tail sum
                 write_shard(shard_dir / tailsum_name(i), {"tail_sum": tail_sum})
