@@ -82,7 +82,7 @@ def test_label_force_with_bad_inputs_keeps_the_old_store(labelled, tmp_path: Pat
         ["data.path=nowhere", "data.name=idx"],  # the recipe itself
     ]
     for over in bad:
-        assert main(["label", str(recipe), "--out", str(out), "--force", *over]) == 2, over
+        assert main(["-q", "label", str(recipe), "--out", str(out), "--force", *over]) == 2, over
         _one_line(capsys)
         assert _files(out) == before, over  # the old store and its teacher are back
         assert not list(tmp_path.glob(".store.replaced")), over

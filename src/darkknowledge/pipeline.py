@@ -86,7 +86,7 @@ def train_member(member: MemberConfig, data: DataSplits, folder: Path, resume: b
         data.val,
         folder,
         resume=resume,
-        desc=f"teacher {folder.name}",
+        desc="teacher" if folder.name == "teacher" else f"teacher {folder.name}",
     )
     dist.on_main(_save_member, res, member, shape, nc, folder)  # process 0 writes
     return res.model.eval()
