@@ -63,6 +63,8 @@ LAYERS: dict[str, list[str]] = {
         "errors",
         "faults",
         "jsonl",
+        "rows",  # data files of every format, bounded (text and chat data)
+        "console",  # logging set-up and the progress display
     ],
 }
 

@@ -172,6 +172,26 @@ DataConfig = Annotated[DigitsData | IdxData, Field(discriminator="name")]
 NonNeg = Annotated[float, Field(ge=0.0)]
 
 
+TRACKERS = {  # train.report_to: tracker name → the package it needs (engine/trackers.py)
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "trackio": "trackio",
+}
+
+
+def tracker_missing(name: str) -> str | None:
+    """Why tracker ``name`` cannot run here (None: it can)."""
+    import importlib.util
+
+    pkg = TRACKERS[name]
+    try:
+        found = importlib.util.find_spec(pkg) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{name} is not installed: pip install {pkg}"
+
+
 class TrainConfig(Strict):
     """The ``train:`` section of every family's recipe (and of a teacher trained first):
     one class, read by the one engine (:mod:`darkknowledge.engine`).
@@ -220,10 +240,8 @@ class TrainConfig(Strict):
     @field_validator("report_to")
     @classmethod
     def _installed(cls, v):
-        from .engine.trackers import missing
-
         for name in v:
-            why = missing(name)
+            why = tracker_missing(name)
             if why is not None:
                 raise ValueError(why)
         return v

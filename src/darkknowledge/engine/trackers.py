@@ -15,29 +15,12 @@ the package), never mid-run."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
 
-TRACKERS = {  # name → the package it needs
-    "tensorboard": "tensorboard",
-    "mlflow": "mlflow",
-    "wandb": "wandb",
-    "trackio": "trackio",
-}
-
-
-def missing(name: str) -> str | None:
-    """Why tracker ``name`` cannot run here (None: it can)."""
-    pkg = TRACKERS[name]
-    try:
-        found = importlib.util.find_spec(pkg) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return f"{name} is not installed: pip install {pkg}"
-    return None
+from ..config import TRACKERS  # noqa: F401  (re-exported)
+from ..config import tracker_missing as missing
 
 
 def scalars(rec: dict, prefix: str = "") -> dict[str, float]:
