@@ -41,3 +41,17 @@ def test_eval_scores_a_trained_model_above_an_untrained_one(tmp_path: Path, caps
         assert main(["eval", str(tmp_path / "trained"), *bad]) == 2
         assert capsys.readouterr().err.count("\n") == 1
     assert main(["eval", str(tmp_path), "--data", str(data)]) == 2  # not a model or run
+    # the same rows as CSV (every format darkknowledge.rows reads): the same scores
+    import csv
+
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["question", "answer"])
+        w.writeheader()
+        w.writerows(ROWS)
+    args = ["eval", str(tmp_path / "trained"), "--data", str(tmp_path / "rows.csv"),
+            "--verifier", "exact", "--k", "3", "--max-new-tokens", "3"]  # fmt: skip
+    assert main(args) == 0
+    again = json.loads((tmp_path / "trained" / "eval.json").read_text())["models"]["model"]
+    assert {k: again[k] for k in ("greedy", "pass@1", "loss")} == {
+        k: res["trained"][k] for k in ("greedy", "pass@1", "loss")
+    }

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from ..errors import DKError
-from ..jsonl import iter_objects
 from ..store.format import atomic_write_bytes
 from .sft import _collate, encode_pair, evaluate, response_loss
 from .verifiers import build_verifier
@@ -45,19 +44,20 @@ def model_dirs(path: Path) -> dict[str, Path]:
 
 
 def read_rows(path: Path, prompt_key: str, answer_key: str, template: str, limit: int | None):
-    if not Path(path).is_file():
-        raise DKError(f"{path}: no such data file (JSONL with {prompt_key!r} and {answer_key!r})")
+    """Prompt/answer rows of a data file of any format :mod:`darkknowledge.rows` reads
+    (JSONL, JSON, CSV, TSV, Parquet, a ``save_to_disk`` folder), bounded as every reader."""
+    from ..rows import iter_rows, pick
+
+    if not Path(path).exists():
+        raise DKError(f"{path}: no such data file (rows with {prompt_key!r} and {answer_key!r})")
     rows = []
-    try:
-        for n, rec in iter_objects(path):
-            p, a = rec.get(prompt_key), rec.get(answer_key)
-            if not isinstance(p, str) or not isinstance(a, str | int | float):
-                raise DKError(f"{path}:{n}: needs a string {prompt_key!r} and an {answer_key!r}")
-            rows.append({"prompt": _fill(template, p), "reference": str(a)})
-            if limit is not None and len(rows) >= limit:
-                break
-    except UnicodeDecodeError:
-        raise DKError(f"{path}: not UTF-8 text") from None
+    for where, rec in iter_rows(path, lambda cols, w: pick(cols, w, [prompt_key, answer_key])):
+        p, a = rec.get(prompt_key), rec.get(answer_key)
+        if not isinstance(p, str) or not isinstance(a, str | int | float):
+            raise DKError(f"{where}: needs a string {prompt_key!r} and an {answer_key!r}")
+        rows.append({"prompt": _fill(template, p), "reference": str(a)})
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise DKError(f"{path}: no rows")
     return rows
