@@ -58,7 +58,8 @@ def test_sampled_token_store(tmp_path: Path, capsys):
     for name, store in (("sampled", out), ("topk", topk)):
         assert main(["store", "info", str(store), "--json"]) == 0
         per[name] = json.loads(capsys.readouterr().out)["bytes_per_token"]
-    print(f"bytes per token, k=16: sampled {per['sampled']:.2f}, top-k {per['topk']:.2f}")
+    with capsys.disabled():
+        print(f"bytes per token, k=16: sampled {per['sampled']:.2f}, top-k {per['topk']:.2f}")
     # per token: 16 ids (uint16) + 16 counts (uint8) vs 16 ids + 16 q8 log-probs + fp32 tail
     assert 0 < per["sampled"] < per["topk"]
 
