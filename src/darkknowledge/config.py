@@ -370,8 +370,11 @@ class LabelConfig(Strict):
 
     # auto: dense up to 256 outputs, else top-k. head: the teacher's last hidden state and
     # its output layer (stored once): exact logits at 2·H bytes per example/token in fp16
-    signal: Literal["auto", "dense", "topk", "head"] = "auto"
-    k: PosInt = 64
+    # sampled: k draws per position from the teacher at `temperature`, kept as distinct ids
+    # + counts (Anshumann et al. 2025); trains forward_kl / hinton_kd without bias
+    signal: Literal["auto", "dense", "topk", "head", "sampled"] = "auto"
+    # top-k: the k kept; sampled: the draws per position. None: 64 (top-k), 16 (sampled)
+    k: PosInt | None = None
     # auto: fp16 for dense logits, q8 (8-bit log-probs) for top-k: with uint16 ids that is
     # 64·3 + 4 ≈ 197 bytes per token, and q8 adds < 0.001 nats of KL (docs/results/store.md)
     dtype: Literal["auto", "fp32", "fp16", "bf16", "q8"] = "auto"
@@ -382,6 +385,7 @@ class LabelConfig(Strict):
     # top-k: also store how the tail mass is spread (one (V,) vector); None: on for tokens
     tail_prior: bool | None = None
     head_layer: str | None = None  # signal=head: the output layer (None: found by itself)
+    seed: Seed = 0  # signal=sampled: the draws' seed (a rerun writes the same bytes)
 
 
 class StudentConfig(Strict):

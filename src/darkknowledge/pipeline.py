@@ -365,20 +365,23 @@ def data_preprocessing(recipe: Recipe) -> dict:
 def label_settings(recipe: Recipe, vocab: int):
     from .config import LabelConfig
     from .store import LabelSpec
+    from .store.label import default_k
 
     lc = recipe.label or LabelConfig()
     # auto: dense up to 256 outputs; above, the labeller picks head or top-k (LabelSpec)
     signal = lc.signal if lc.signal != "auto" or vocab > 256 else "dense"
+    sparse = signal in ("topk", "auto", "sampled")
     return LabelSpec(
         signal=signal,
-        k=lc.k if signal in ("topk", "auto") else None,
+        k=(lc.k or default_k(signal)) if sparse else None,
         dtype=lc.dtype,
-        temperature=lc.temperature if signal in ("topk", "auto") else 1.0,
+        temperature=lc.temperature if sparse else 1.0,
         shard_size=lc.shard_size,
         batch_size=lc.batch_size,
         hidden=tuple(lc.hidden),
         tail_prior=lc.tail_prior if signal in ("topk", "auto") else False,
         head_layer=lc.head_layer if signal in ("head", "auto") else None,
+        seed=lc.seed,
     )
 
 
@@ -430,6 +433,7 @@ def store_recipe_record(recipe: Recipe) -> dict:
 def open_store_teacher(recipe: Recipe, data: DataSplits) -> StoreTeacher:
     """The recipe's store, checked against the run: same inputs, same example ids, same
     preprocessing, and (top-k) the loss temperatures it was labelled at."""
+    from .losses.sampled import check_sampled_divergence
     from .store import SignalStore
     from .store.fingerprint import json_digest, tensor_digest
 
@@ -448,12 +452,14 @@ def open_store_teacher(recipe: Recipe, data: DataSplits) -> StoreTeacher:
             f"{where}: the store holds {store.vocab}-way {store.task} signals but the data "
             f"has {data.train.num_classes} classes"
         )
-    if store.signal == "topk":
+    if store.signal in ("topk", "sampled"):
         for name, c in recipe.resolved_loss().active().items():
+            if store.signal == "sampled" and name not in ("ce", "hinton_kd"):
+                check_sampled_divergence(name, f"{where} (a sampled store): loss.{name}")
             t = getattr(c, "temperature", None)
             if t is not None and abs(t - store.temperature) > 1e-9:
                 raise DKError(
-                    f"{where}: fingerprint field 'temperature' differs: the top-k store was "
+                    f"{where}: fingerprint field 'temperature' differs: the {store.signal} store was "
                     f"labelled at {store.temperature:g}, loss.{name}.temperature is {t:g}; "
                     f"relabel with label.temperature={t:g} or use label.signal=dense"
                 )

@@ -24,10 +24,15 @@ class Signals:
     topk_ids: Tensor | None = None  # (B, K) or (B, T, K), int64
     topk_logprobs: Tensor | None = None  # (B, K) or (B, T, K), log p at T=1
     tail_mass: Tensor | None = None  # (B,) or (B, T): 1 − Σ top-k probabilities
+    # sampled teacher (a sampled store): the distinct ids of k draws from the teacher at
+    # ``temperature`` and their weights count/k (0 on padding slots), (B, [T,] K)
+    sampled_ids: Tensor | None = None
+    sampled_weights: Tensor | None = None
     hidden: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, [T,] H)
     mask: Tensor | None = None  # (B,) or (B, T) valid positions
     text: list[str] | None = None  # generated text (sequence-level KD)
-    # temperature at which topk_logprobs / tail_mass were computed (None: not top-k)
+    # temperature at which topk_logprobs / tail_mass were computed, or sampled_ids
+    # drawn (None: neither)
     temperature: float | None = None
     # (V,) log of the store's tail prior: how the mass outside a position's top-k is
     # spread over the other outputs (None: evenly). One vector for the whole store.
@@ -41,6 +46,8 @@ class Signals:
             out.append("logits")
         if self.topk_ids is not None:
             out.append("topk")
+        if self.sampled_ids is not None:
+            out.append("sampled")
         if self.hidden:
             out.append("hidden")
         if self.text is not None:
@@ -58,6 +65,8 @@ class Signals:
             topk_ids=pick(self.topk_ids),
             topk_logprobs=pick(self.topk_logprobs),
             tail_mass=pick(self.tail_mass),
+            sampled_ids=pick(self.sampled_ids),
+            sampled_weights=pick(self.sampled_weights),
             hidden={k: v[idx] for k, v in self.hidden.items()},
             mask=pick(self.mask),
             text=None if self.text is None else [self.text[i] for i in idx.tolist()],
@@ -76,6 +85,8 @@ class Signals:
             topk_ids=move(self.topk_ids),
             topk_logprobs=move(self.topk_logprobs),
             tail_mass=move(self.tail_mass),
+            sampled_ids=move(self.sampled_ids),
+            sampled_weights=move(self.sampled_weights),
             hidden={k: v.to(device) for k, v in self.hidden.items()},
             mask=move(self.mask),
             text=self.text,
@@ -99,6 +110,8 @@ class Signals:
             topk_ids=cat("topk_ids"),
             topk_logprobs=cat("topk_logprobs"),
             tail_mass=cat("tail_mass"),
+            sampled_ids=cat("sampled_ids"),
+            sampled_weights=cat("sampled_weights"),
             hidden=hidden,
             mask=cat("mask"),
             text=texts,

@@ -213,7 +213,7 @@ def _set(key, value):
 
 _DEL = object()
 BOGUS = [
-    ("signal", "bogus", "signal: Input should be 'dense', 'topk' or 'head'"),
+    ("signal", "bogus", "signal: Input should be 'dense', 'topk', 'head' or 'sampled'"),
     ("vocab", -3, "vocab: Input should be greater than 0"),
     ("vocab", 0, "vocab: Input should be greater than 0"),
     ("shard_size", 0, "shard_size: Input should be greater than 0"),

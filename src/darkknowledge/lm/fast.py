@@ -9,6 +9,8 @@ Forward KL(p_t ‖ p_s) at temperature τ, per row, with z the student's logits:
   token j is its own bucket, so ∂/∂z_j = (p_j − t_j) / τ; every other token shares the
   tail bucket, ∂/∂z_j = p_j · (1 − t_tail / s_tail) / τ, where s_tail is the student's
   mass outside the top-k.
+- sampled teacher (drawn ids with weights w = count/k, :mod:`darkknowledge.losses.sampled`):
+  the soft cross-entropy estimate −Σ w_i log p_{s,id_i}, ∂/∂z = (p_s·Σw − w) / τ.
 
 Plus ``ce_weight`` · CE(labels) (at temperature 1): ∂/∂z = softmax(z) − onehot(y). The autograd path stays the reference (tests compare them).
 """
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..losses.divergences import _up
+from ..losses.sampled import SampledTarget
 
 
 def applies(spec, target) -> bool:
@@ -58,7 +61,12 @@ def chunk_loss_and_grad(
     grad: Tensor | None = None
     if target is not None and spec.kd_weight:
         zt, lse, ps = _softmax_parts(z, tau)  # ps: (n, V), becomes the gradient in place
-        if isinstance(target, tuple):
+        if isinstance(target, SampledTarget):
+            # −Σ w_i log q_{id_i}; ∂/∂(z/τ) = q·Σw − w scattered onto the ids
+            ids, w = target.ids.long(), _up(target.weights)
+            per = -(w * (zt.gather(-1, ids) - lse)).sum(-1)
+            g = ps.mul_(w.sum(-1, keepdim=True)).scatter_add_(-1, ids, -w)
+        elif isinstance(target, tuple):
             ids, lp, tail = target
             ids = ids.long()
             t_k = _up(lp)

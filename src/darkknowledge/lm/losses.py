@@ -25,7 +25,10 @@ forward / reverse KL), tvd (Wen et al. 2023), skew_kl = KL(p_t ‖ α·p_t + (1�
 skew_rkl = KL(p_s ‖ α·p_s + (1−α)·p_t) (Ko et al. 2024, DistiLLM), and whatever is
 registered later. The same functions serve the dense classification losses and a top-k
 + tail teacher (stored signals), compared on the K + 1 buckets of
-:mod:`darkknowledge.losses.sparse`.
+:mod:`darkknowledge.losses.sparse`. A sampled teacher (a sampled store: drawn ids and
+count/k weights, :class:`~darkknowledge.losses.sampled.SampledTarget`) serves forward_kl
+only, as the unbiased soft cross-entropy estimate of :mod:`darkknowledge.losses.sampled`
+(the kd value is that cross-entropy: the forward KL plus the teacher's entropy).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch import Tensor
 
 from ..losses.divergences import _up
 from ..losses.registry import DIVERGENCES, get_divergence
+from ..losses.sampled import SampledTarget, sampled_cross_entropy_per_position
 from ..losses.sparse import buckets
 from . import fast
 
@@ -102,9 +106,18 @@ def sparse_divergence(
     return divergence_from_logprobs(s, t, spec)
 
 
-# A teacher for a chunk of rows [lo, hi): either dense logits (n, V) or a top-k signal
-# (ids (n, K), logprobs (n, K), tail (n,)). None: no teacher (plain cross-entropy).
-TeacherChunk = Callable[[int, int], "Tensor | tuple[Tensor, Tensor, Tensor]"]
+def sampled_divergence(s_logits: Tensor, ids: Tensor, weights: Tensor, spec: TokenLoss) -> Tensor:
+    """Per-position soft cross-entropy estimate ``(n,)`` against a sampled teacher (drawn
+    at ``spec.temperature``); forward_kl only (the others have no unbiased estimate)."""
+    if spec.kind != "forward_kl":
+        raise ValueError(f"a sampled teacher serves forward_kl only, not {spec.kind!r}")
+    return sampled_cross_entropy_per_position(s_logits, ids, weights, spec.temperature)
+
+
+# A teacher for a chunk of rows [lo, hi): either dense logits (n, V), a top-k signal
+# (ids (n, K), logprobs (n, K), tail (n,)) or a sampled one (SampledTarget(ids (n, K),
+# weights (n, K))). None: no teacher (plain cross-entropy).
+TeacherChunk = Callable[[int, int], "Tensor | tuple[Tensor, Tensor, Tensor] | SampledTarget"]
 
 
 def _chunk_terms(
@@ -114,7 +127,9 @@ def _chunk_terms(
     zero = logits.new_zeros((), dtype=torch.float32)
     kd = ce = zero
     if target is not None and spec.kd_weight:
-        if isinstance(target, tuple):
+        if isinstance(target, SampledTarget):
+            kd = sampled_divergence(logits, *target, spec).sum()
+        elif isinstance(target, tuple):
             kd = sparse_divergence(logits, *target, spec).sum()
         else:
             kd = dense_divergence(logits, target, spec).sum()
@@ -223,7 +238,7 @@ def unchunked_head_loss(
     *,
     labels: Tensor | None = None,
     teacher_logits: Tensor | None = None,
-    teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None,
+    teacher_topk: tuple[Tensor, Tensor, Tensor] | SampledTarget | None = None,
     normalizer: float | None = None,
 ) -> Tensor:
     """The same loss the plain way: all logits at once, autograd through everything.

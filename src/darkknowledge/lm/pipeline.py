@@ -45,6 +45,7 @@ from ..engine import train as engine_train
 from ..engine.rundir import prepare_run_dir
 from ..errors import DKError
 from ..hf import io as hfio
+from ..losses.sampled import SampledTarget
 from ..recipe_io import dump_recipe
 from ..store.format import atomic_write_bytes
 from ..store.label_folder import prepare_label_folder
@@ -519,6 +520,12 @@ class LMTask:
 
             def target(lo, hi):
                 return t[lo:hi]
+        elif sig.sampled_ids is not None:  # drawn ids and their weights count / draws
+            sids = sig.sampled_ids[valid].to(self.dev)  # (n, K)
+            w = sig.sampled_weights[valid].to(self.dev)
+
+            def target(lo, hi):
+                return SampledTarget(sids[lo:hi], w[lo:hi])
         else:
             ids = sig.topk_ids[valid].to(self.dev)  # (n, K)
             lp = sig.topk_logprobs[valid].to(self.dev)
@@ -1005,6 +1012,7 @@ def _token_blocks(data: Data) -> tuple[Tensor, Tensor, Tensor]:
 def open_token_store(recipe: LMRecipe, data: Data, tok):
     """The recipe's store, checked against the run: the same token blocks (ids and
     digests), the same tokenizer, the same preprocessing; the vocabulary the student's."""
+    from ..losses.sampled import check_sampled_divergence
     from ..store.fingerprint import json_digest, tensor_digest
     from ..teachers import StoreTeacher
 
@@ -1027,12 +1035,18 @@ def open_token_store(recipe: LMRecipe, data: Data, tok):
             f"teacher.path {tc.path}: the store holds {st.vocab}-way {st.task} signals but "
             f"the student's tokenizer has {len(tok)} tokens"
         )
-    if st.signal == "topk":
+    if st.signal == "sampled":
+        check_sampled_divergence(
+            recipe.distill.loss.kind,
+            f"teacher.path {tc.path} (a sampled store): distill.loss.kind",
+        )
+    if st.signal in ("topk", "sampled"):
         t = recipe.distill.loss.temperature
         if abs(t - st.temperature) > 1e-9:
             raise DKError(
-                f"teacher.path {tc.path}: fingerprint field 'temperature' differs: the top-k "
-                f"store was labelled at {st.temperature:g}, distill.loss.temperature is {t:g}"
+                f"teacher.path {tc.path}: fingerprint field 'temperature' differs: the "
+                f"{st.signal} store was labelled at {st.temperature:g}, "
+                f"distill.loss.temperature is {t:g}"
             )
     return teacher
 
@@ -1126,6 +1140,7 @@ def label_lm_recipe(recipe: LMRecipe, out: str | Path, force: bool = False):
     from ..config import LabelConfig
     from ..store import LabelSpec, label
     from ..store.fingerprint import json_digest
+    from ..store.label import default_k
     from ..teachers import ModuleTeacher
 
     if _model_teacher(recipe) is None:
@@ -1150,9 +1165,9 @@ def label_lm_recipe(recipe: LMRecipe, out: str | Path, force: bool = False):
     teacher = teacher.to("cpu").eval()
     lc = recipe.label or LabelConfig()
     spec = LabelSpec(
-        signal=lc.signal, k=lc.k, dtype=lc.dtype, temperature=lc.temperature,
-        shard_size=lc.shard_size, batch_size=min(lc.batch_size, 64), tail_prior=lc.tail_prior,
-        head_layer=lc.head_layer,
+        signal=lc.signal, k=lc.k or default_k(lc.signal), dtype=lc.dtype,
+        temperature=lc.temperature, shard_size=lc.shard_size, batch_size=min(lc.batch_size, 64),
+        tail_prior=lc.tail_prior, head_layer=lc.head_layer, seed=lc.seed,
     )  # fmt: skip
     x, ids, mask = _token_blocks(data)
     return label(
@@ -1167,6 +1182,7 @@ def label_lm_recipe(recipe: LMRecipe, out: str | Path, force: bool = False):
         describe={"recipe": recipe.name, "data": str(recipe.data.path), "teacher": "causal_lm"},
         force=force,
         recipe=record,
+        store_inputs=True,  # the token ids per position, once (inputs.safetensors)
     )
 
 

@@ -20,6 +20,7 @@ from .registry import (
     per_position,
     register_divergence,
 )
+from .sampled import SampledTarget, sampled_forward_kl, sampled_hinton_kd
 from .sparse import (
     reconstruct,
     sparse_divergence_loss,
@@ -42,6 +43,7 @@ __all__ = [
     "HintonKD",
     "LossStack",
     "ReverseKL",
+    "SampledTarget",
     "cross_entropy",
     "divergence_loss",
     "forward_kl",
@@ -53,6 +55,8 @@ __all__ = [
     "reconstruct",
     "register_divergence",
     "reverse_kl",
+    "sampled_forward_kl",
+    "sampled_hinton_kd",
     "sparse_divergence_loss",
     "sparse_forward_kl",
     "sparse_hinton_kd",

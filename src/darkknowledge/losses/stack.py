@@ -15,16 +15,27 @@ from ..errors import DKError
 from ..signals import Signals
 from . import divergences as D
 from . import sparse as S
+from .sampled import SampledTarget, check_sampled_divergence, sampled_forward_kl, sampled_hinton_kd
 
 
-def _teacher(name: str, signals: Signals | None, temperature: float | None):
+def _teacher(name: str, signals: Signals | None, temperature: float | None, divergence: str = ""):
     """The teacher's dense logits, or its top-k ``(ids, logprobs, tail)`` when that is
-    what it gave (a top-k store). Top-k log-probs hold only at the temperature they
-    were computed at, so a term at another temperature is refused."""
+    what it gave (a top-k store), or a :class:`SampledTarget` (a sampled store, whose
+    only estimable ``divergence`` is the forward KL). Top-k log-probs and draws hold only
+    at the temperature they were computed at, so a term at another temperature is refused."""
     if signals is None:
         raise DKError(f"loss.{name} needs a teacher: add a 'teacher:' section or drop it")
     if signals.logits is not None:
         return signals.logits
+    if signals.sampled_ids is not None and signals.sampled_weights is not None:
+        check_sampled_divergence(divergence or name, f"loss.{name}")
+        t = signals.temperature if signals.temperature is not None else 1.0
+        if temperature is not None and abs(t - temperature) > 1e-9:
+            raise DKError(
+                f"loss.{name}.temperature is {temperature:g} but the teacher's samples were "
+                f"drawn at temperature {t:g}: relabel with label.temperature={temperature:g}"
+            )
+        return SampledTarget(signals.sampled_ids, signals.sampled_weights)
     if signals.topk_ids is not None and signals.topk_logprobs is not None:
         if signals.tail_mass is None:
             raise DKError(f"loss.{name}: top-k teacher signals without a tail mass")
@@ -48,7 +59,9 @@ class HintonKD:
     needs_teacher = True
 
     def __call__(self, s: Tensor, sig: Signals | None, y: Tensor | None, mask=None):
-        t = _teacher("hinton_kd", sig, self.temperature)
+        t = _teacher("hinton_kd", sig, self.temperature, "forward_kl")
+        if isinstance(t, SampledTarget):
+            return sampled_hinton_kd(s, *t, y, self.temperature, self.alpha, mask)
         if isinstance(t, tuple):
             return S.sparse_hinton_kd(
                 s, *t, y, self.temperature, self.alpha, mask, log_prior=sig.tail_log_prior
@@ -65,6 +78,8 @@ class ForwardKL:
 
     def __call__(self, s, sig, y=None, mask=None):
         t = _teacher("forward_kl", sig, self.temperature)
+        if isinstance(t, SampledTarget):
+            return sampled_forward_kl(s, *t, self.temperature, mask)
         if isinstance(t, tuple):
             return S.sparse_forward_kl(s, *t, self.temperature, mask, log_prior=sig.tail_log_prior)
         return D.forward_kl(s, t, self.temperature, mask)
@@ -138,6 +153,8 @@ class Divergence:
     def __call__(self, s, sig, y=None, mask=None):
         t = _teacher(self.name, sig, self.temperature)
         kw = dict(self.params)
+        if isinstance(t, SampledTarget):
+            return sampled_forward_kl(s, *t, self.temperature, mask)  # forward_kl only
         if isinstance(t, tuple):
             return S.sparse_divergence_loss(self.name, s, *t, self.temperature, mask, **kw)
         return D.divergence_loss(self.name, s, t, self.temperature, mask, **kw)

@@ -13,6 +13,9 @@ holding ``ids (n,)`` int64 and the signal tensors for its ``n`` rows:
 - dense: ``logits (n, [T,] V)``
 - top-k: ``topk_ids (n, [T,] K)`` (uint16 when V ≤ 65,536, else int32),
   ``topk_logprobs (n, [T,] K)`` and ``tail_mass (n, [T])`` fp32
+- sampled: ``sample_ids (n, [T,] K)`` (as top-k ids) and ``sample_counts (n, [T,] K)``
+  (uint8 when K ≤ 255, else uint16): the distinct ids of K draws from the teacher at
+  the store temperature and how often each was drawn (padding: id 0, count 0)
 - head: ``head_hidden (n, [T,] H)``, the input of the teacher's output layer, whose
   weight and bias are stored once in ``head.safetensors`` beside the manifest
 - sequences also ``mask (n, T)`` uint8; optional ``hidden.<layer> (n, [T,] H)``.

@@ -17,6 +17,11 @@ def format_info(info: dict) -> str:
         what = f"top-{info['k']} + tail at temperature {info['temperature']:g}" + (
             " (tail prior)" if info.get("tail_prior") else ""
         )
+    elif info["signal"] == "sampled":
+        what = (
+            f"{info['k']} draws (distinct ids + counts) at temperature {info['temperature']:g}, "
+            f"seed {info['fingerprint'].get('seed')}"
+        )
     elif info["signal"] == "head":
         hd = info.get("head") or {}
         what = f"last hidden state + output layer {hd.get('layer')!r} {hd.get('shape')}"

@@ -63,7 +63,15 @@ class LabelSpec:
     bias stored once; the reader recomputes the exact logits as ``h·Wᵀ + b``. Per token
     it costs ``2·H`` bytes in fp16 whatever the vocabulary, and labelling skips the
     output layer. ``head_layer`` names the layer (None: the model's output embeddings,
-    or its only ``nn.Linear`` with as many outputs as the logits)."""
+    or its only ``nn.Linear`` with as many outputs as the logits).
+
+    ``signal='sampled'`` (Anshumann et al. 2025, "Sparse Logit Sampling"): per
+    example/position, ``k`` draws with replacement from the teacher's distribution at
+    ``temperature``, kept as the distinct ids drawn and their counts (width ``k``: ids
+    padded with 0, counts 0 there). The draws are seeded by ``seed`` and the shard index,
+    so a rerun or a resume writes the same bytes. ``c_i/k`` weights give an unbiased
+    estimate of the soft cross-entropy / forward KL (:mod:`darkknowledge.losses.sampled`).
+    ``dtype`` is then only the storage type of stored hidden layers."""
 
     signal: str = "auto"
     k: int | None = 64
@@ -76,17 +84,20 @@ class LabelSpec:
     # over the other outputs, averaged over the store). None: on for token sequences.
     tail_prior: bool | None = None
     head_layer: str | None = None  # signal='head' only
+    seed: int = 0  # signal='sampled' only: the draws' seed
 
     def __post_init__(self):
         if self.dtype == "auto" and self.signal != "auto":
             object.__setattr__(self, "dtype", "q8" if self.signal == "topk" else "fp16")
 
     def validate(self, vocab: int | None = None) -> None:
-        if self.signal not in ("auto", "dense", "topk", "head"):
-            raise DKError(f"label.signal must be auto, dense, topk or head, not {self.signal!r}")
+        if self.signal not in SIGNALS:
+            raise DKError(
+                f"label.signal must be auto, dense, topk, head or sampled, not {self.signal!r}"
+            )
         if self.dtype not in (*FLOAT_DTYPES, "q8") and not (self.signal == self.dtype == "auto"):
             raise DKError(f"label.dtype must be fp32, fp16, bf16 or q8, not {self.dtype!r}")
-        if self.signal in ("dense", "head") and self.dtype == "q8":
+        if self.signal in ("dense", "head", "sampled") and self.dtype == "q8":
             raise DKError(
                 f"label.dtype=q8 is for top-k log-probabilities; use fp16 for {self.signal}"
             )
@@ -100,17 +111,22 @@ class LabelSpec:
                     f"label.k={self.k} but the teacher has only {vocab} outputs: "
                     "use label.signal=dense (it is no larger) or a smaller k"
                 )
+        if self.signal == "sampled":
+            if not self.k or not 1 <= self.k <= MAX_DRAWS:
+                raise DKError(f"label.k (draws per position) must be in [1, {MAX_DRAWS}]")
+            if self.seed < 0:
+                raise DKError(f"label.seed must be ≥ 0, not {self.seed}")
         if self.signal in ("dense", "head") and self.temperature != 1.0:
             raise DKError(
-                f"label.temperature applies to top-k signals; {self.signal} stores keep raw "
+                f"label.temperature applies to top-k and sampled signals; {self.signal} stores keep raw "
                 "logits, which serve every loss temperature: leave it at 1.0"
             )
 
     def fields(self) -> dict:
         out = {
             "signal": self.signal,
-            "temperature": self.temperature if self.signal == "topk" else None,
-            "k": self.k if self.signal == "topk" else None,
+            "temperature": self.temperature if self.signal in ("topk", "sampled") else None,
+            "k": self.k if self.signal in ("topk", "sampled") else None,
             "dtype": self.dtype,
             "hidden": sorted(self.hidden),
         }
@@ -118,7 +134,18 @@ class LabelSpec:
             out["tail_prior"] = True
         if self.signal == "head":
             out["head_layer"] = self.head_layer
+        if self.signal == "sampled":
+            out["seed"] = self.seed
         return out
+
+
+SIGNALS = ("auto", "dense", "topk", "head", "sampled")
+MAX_DRAWS = 65535  # sampled: counts are stored as uint8 (k ≤ 255) or uint16
+
+
+def default_k(signal: str) -> int:
+    """``label.k`` when the recipe leaves it out: 16 draws (sampled), else top-64."""
+    return 16 if signal == "sampled" else 64
 
 
 def base_fingerprint(teacher: Teacher, x: Tensor, ids: Tensor) -> dict:
@@ -249,12 +276,13 @@ def label(
             lo, hi = i * spec.shard_size, min((i + 1) * spec.shard_size, n)
             parts: list[dict[str, Tensor]] = []
             tail_sum = torch.zeros(vocab, dtype=torch.float64) if spec.tail_prior else None
+            gen = _shard_generator(spec, i)  # sampled: the same draws after any resume
             for b in range(lo, hi, spec.batch_size):
                 e = min(b + spec.batch_size, hi)
                 captured.clear()
                 sig = teacher.signals(Batch(x[b:e], None, ids[b:e]))
                 m = None if mask is None else mask[b:e]
-                parts.append(_encode(sig.logits, spec, vocab, captured, m))
+                parts.append(_encode(sig.logits, spec, vocab, captured, m, gen))
                 if tail_sum is not None:
                     tail_sum += parts[-1].pop("tail_sum")
                 done += e - b
@@ -407,12 +435,48 @@ def tailsum_name(i: int) -> str:
     return f"tailsum-{i:05d}.safetensors"
 
 
+def _shard_generator(spec: LabelSpec, i: int) -> torch.Generator | None:
+    """The random draws of shard ``i`` of a sampled store: seeded by (seed, i) only, so
+    they do not depend on which process labels the shard or on what ran before."""
+    if spec.signal != "sampled":
+        return None
+    return torch.Generator().manual_seed(spec.seed * 1_000_003 + i)
+
+
+def sample_counts(
+    logits: Tensor, k: int, temperature: float, gen: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """``k`` draws with replacement from ``softmax(logits / temperature)`` per row of
+    ``logits (..., V)``, as (distinct ids ``(..., k)`` int64 in increasing order, their
+    counts ``(..., k)`` int64); slots past the distinct ids hold id 0 with count 0."""
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    p = torch.softmax(logits.detach().float().cpu().reshape(-1, vocab) / temperature, dim=-1)
+    draws = torch.multinomial(p, k, replacement=True, generator=gen)  # (R, k)
+    draws = draws.sort(dim=-1).values
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = new.long().cumsum(-1) - 1  # (R, k): which distinct id each draw is
+    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(-1, slot, draws)  # a slot's draws share one id
+    return ids.reshape(*lead, k), counts.reshape(*lead, k)
+
+
+def _count_dtype(k: int) -> torch.dtype:
+    return torch.uint8 if k <= 255 else torch.uint16
+
+
 def _encode(
-    logits: Tensor | None, spec: LabelSpec, vocab: int, hidden: dict, mask: Tensor | None = None
+    logits: Tensor | None,
+    spec: LabelSpec,
+    vocab: int,
+    hidden: dict,
+    mask: Tensor | None = None,
+    gen: torch.Generator | None = None,
 ) -> dict:
     """Teacher logits ``(B, [T,] V)`` → the tensors one batch adds to a shard (and, with
     a tail prior, ``tail_sum (V,)``: Σ over valid positions of the probabilities outside
-    each position's top-k, float64, which the caller takes out)."""
+    each position's top-k, float64, which the caller takes out). ``gen``: the shard's
+    random generator (sampled signals)."""
     if spec.signal != "head" and (logits is None or logits.shape[-1] != vocab):
         raise DKError("label: the teacher's output size changed between batches")
     out: dict[str, Tensor] = {}
@@ -420,6 +484,10 @@ def _encode(
         out["head_hidden"] = hidden.pop(HEAD_INPUT).to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] H)
     elif spec.signal == "dense":
         out["logits"] = logits.to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] V)
+    elif spec.signal == "sampled":
+        ids, counts = sample_counts(logits, spec.k, spec.temperature, gen)
+        out["sample_ids"] = ids.to(_id_dtype(vocab))  # (B, [T,] k)
+        out["sample_counts"] = counts.to(_count_dtype(spec.k))
     else:
         z = logits.float()
         if spec.temperature != 1.0:

@@ -1,6 +1,7 @@
 """The manifest's schema, and the checks that hold a store's files to it.
 
-One pydantic model covers every manifest the labeller writes (dense, top-k, head, the
+One pydantic model covers every manifest the labeller writes (dense, top-k, head,
+sampled, the
 top-k stores ``dk store from-api`` builds, stored hidden layers; unfinished and
 finished). It is strict: unknown keys, missing keys, signal names that do not exist,
 sizes that are not positive and facts that contradict each other (a ``k`` on a dense
@@ -35,7 +36,7 @@ PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-Signal = Literal["dense", "topk", "head"]
+Signal = Literal["dense", "topk", "head", "sampled"]
 Dtype = Literal["fp32", "fp16", "bf16", "q8"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
@@ -93,6 +94,7 @@ class SpecRecord(_Strict):
     hidden: list[str]
     tail_prior: bool | None = None  # absent in stores labelled before the tail prior
     head_layer: str | None = None  # absent in stores labelled before head stores
+    seed: NonNegInt | None = None  # absent in stores labelled before sampled stores
 
 
 class Fingerprint(_Strict):
@@ -108,6 +110,7 @@ class Fingerprint(_Strict):
     hidden: list[str]
     tail_prior: Literal[True] | None = None  # present (true) only when the store has one
     head_layer: str | None = None  # head stores only
+    seed: NonNegInt | None = None  # sampled stores only: the draws' seed
 
 
 class Manifest(_Strict):
@@ -152,13 +155,22 @@ def _agree(m: Manifest) -> None:
             raise ValueError("a top-k store needs k and temperature")
         if m.k > m.vocab:
             raise ValueError(f"k: {m.k} is more than vocab {m.vocab}")
+    elif m.signal == "sampled":
+        if m.k is None or m.temperature is None:
+            raise ValueError("a sampled store needs k (draws per position) and temperature")
+        if m.k > 65535:
+            raise ValueError(f"k: {m.k} draws, more than the 65535 a uint16 count holds")
+        if m.tail_prior is not None:
+            raise ValueError("tail_prior: set on a sampled store (top-k stores only)")
     else:
         for key in ("k", "temperature", "tail_prior"):
             if getattr(m, key) is not None:
                 raise ValueError(f"{key}: set on a {m.signal} store (top-k stores only)")
-        if m.dtype == "q8":
-            raise ValueError(f"dtype: q8 is for top-k stores, not {m.signal}")
+    if m.dtype == "q8" and m.signal != "topk":
+        raise ValueError(f"dtype: q8 is for top-k stores, not {m.signal}")
     fp = m.fingerprint
+    if (fp.seed is not None) != (m.signal == "sampled"):
+        raise ValueError(f"fingerprint.seed: {fp.seed!r} on a {m.signal} store")
     for key in ("signal", "k", "dtype", "temperature"):
         if getattr(fp, key) != getattr(m, key):
             raise ValueError(
@@ -202,8 +214,10 @@ def _agree(m: Manifest) -> None:
     for key in ("signal", "dtype", "shard_size", "batch_size"):
         if getattr(s, key) != getattr(m, key):
             raise ValueError(f"spec.{key}: {getattr(s, key)!r} contradicts {key}")
-    if m.signal == "topk" and (s.k, s.temperature) != (m.k, m.temperature):
+    if m.signal in ("topk", "sampled") and (s.k, s.temperature) != (m.k, m.temperature):
         raise ValueError("spec.k / spec.temperature contradict k / temperature")
+    if m.signal == "sampled" and s.seed != fp.seed:
+        raise ValueError(f"spec.seed: {s.seed!r} contradicts fingerprint.seed {fp.seed!r}")
     if sorted(s.hidden) != fp.hidden:
         raise ValueError("spec.hidden contradicts fingerprint.hidden")
     n_shards = math.ceil(m.num_examples / m.shard_size)
@@ -292,6 +306,9 @@ def expected_tensors(m: Manifest, rows: int, t: int | None) -> dict[str, tuple[s
         out["logits"] = (fdt, (*lead, m.vocab))
     elif m.signal == "head":
         out["head_hidden"] = (fdt, (*lead, m.head.shape[1] if m.head else -1))
+    elif m.signal == "sampled":
+        out["sample_ids"] = ("U16" if m.vocab <= 65536 else "I32", (*lead, m.k))
+        out["sample_counts"] = ("U8" if m.k <= 255 else "U16", (*lead, m.k))
     else:
         out["topk_ids"] = ("U16" if m.vocab <= 65536 else "I32", (*lead, m.k))
         out["topk_logprobs"] = ("U8" if m.dtype == "q8" else fdt, (*lead, m.k))

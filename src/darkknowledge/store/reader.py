@@ -182,7 +182,8 @@ class SignalStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk: the shards plus the tail prior or the output layer, if any."""
+        """Bytes on disk: the shards plus the tail prior, the output layer and the stored
+        token ids, if any."""
         once = sum(
             (self.manifest.get(k) or {}).get("bytes", 0) for k in ("tail_prior", "head", "inputs")
         )
@@ -239,6 +240,10 @@ class SignalStore:
         elif self.signal == "head":  # the exact logits, recomputed through the output layer
             h = self._gather("head_hidden", rows).float()  # (B, [T,] H)
             sig.logits = F.linear(h, self.head_weight, self.head_bias)  # (B, [T,] V)
+        elif self.signal == "sampled":  # distinct drawn ids, weighted by count / draws
+            sig.sampled_ids = self._gather("sample_ids", rows).long()  # (B, [T,] K)
+            counts = self._gather("sample_counts", rows).float()
+            sig.sampled_weights = counts / float(self.k)  # (B, [T,] K), Σ = 1
         else:
             sig.topk_ids = self._gather("topk_ids", rows).long()  # (B, [T,] K)
             lp = self._gather("topk_logprobs", rows)
