@@ -187,11 +187,14 @@ def _scan(d: Doctor, st: SignalStore, labels: Tensor | None) -> None:
                 tail = to_torch(mp["tail_mass"][lo:hi]).float().reshape(-1)
                 tid = to_torch(mp["topk_ids"][lo:hi]).long().reshape(len(valid), -1)
                 ok = valid & finite
-                tallies["pos"].add(ok & (lp > LOGPROB_TOL).any(-1), where)
+                positive = ok & (lp > LOGPROB_TOL).any(-1)
+                out = ok & ((tail < -TAIL_TOL) | (tail > 1 + TAIL_TOL))
+                tallies["pos"].add(positive, where)
                 tallies["sort"].add(ok & (lp[:, 1:] > lp[:, :-1] + LOGPROB_TOL).any(-1), where)
-                tallies["tail"].add(ok & ((tail < -TAIL_TOL) | (tail > 1 + TAIL_TOL)), where)
+                tallies["tail"].add(out, where)
                 total = lp.double().exp().sum(-1) + tail.double()
-                tallies["sum"].add(ok & ((total - 1).abs() > tol), where)
+                # the sum once per position: not where a log-prob > 0 or the tail already is
+                tallies["sum"].add(ok & ~positive & ~out & ((total - 1).abs() > tol), where)
                 top_p, at = lp.max(-1)
                 top_p, top_id = top_p.exp(), tid.gather(1, at[:, None]).squeeze(1)
             else:
