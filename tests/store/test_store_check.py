@@ -239,3 +239,24 @@ def test_lm_recipe_faults(lm_store, tmp_path, capsys):
     }
     for override, expect in cases.items():
         assert _refused(capsys, store, "--against", r, override).startswith(expect), override
+
+
+def test_a_dense_store_with_an_infinite_logit_is_refused(classify_store, tmp_path, capsys):
+    r = classify_store[1]
+    dense = tmp_path / "dense"
+    label = ["-q", "label", str(r), "--out", str(dense), "label.signal=dense"]
+    assert main(label) == 0
+    rc, refuse, warn = _check(capsys, dense, "--against", r, "loss.hinton_kd.temperature=3")
+    assert rc == 0 and refuse == warn == []  # a dense store: the loss picks its temperature
+
+    def inf(t):
+        t["logits"][5, 2] = np.inf
+
+    bad = _broken(dense, tmp_path / "bad", inf, shard=2)
+    line = _refused(capsys, bad)
+    assert line.startswith("refuse: NaN/inf in the stored signals at 1 position(s)")
+    assert line.endswith(f"(first: shard-00002.safetensors, example id {_id(dense, 2, 5)})")
+
+
+def _id(store: Path, shard: int, row: int) -> int:
+    return int(load_file(str(store / "shards" / shard_name(shard)))["ids"][row])
