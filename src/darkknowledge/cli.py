@@ -436,11 +436,11 @@ def _dispatch_one(args) -> int:
             print(format_info(store.info()))
             return 0
         if args.store_cmd == "check":
-            from .store.check import check_store
+            from .doctor import check
 
             if args.overrides and args.against is None:
                 raise DKError("dk store check: key=value overrides need --against RECIPE")
-            findings = check_store(args.path, args.against, args.overrides)
+            findings = check(args.path, args.against, args.overrides)
             for f in findings:
                 print(f)
             refused = sum(f.level == "refuse" for f in findings)
