@@ -35,7 +35,7 @@ LAYERS: dict[str, list[str]] = {
     # entry points: the CLI, the job service, the Python API and the package root that
     # re-exports it, the demo; ``families`` is the registry of recipe families the CLI
     # reads (it resolves the families' dotted names lazily, so it imports none of them)
-    "interfaces": [ROOT, "__main__", "cli", "api", "demo", "families", "service.*"],
+    "interfaces": [ROOT, "__main__", "cli", "api", "demo", "doctor", "families", "service.*"],
     # one package per recipe family: classify (pipeline.py), text (hf/), causal_lm
     # (lm/), black-box generation and chat SFT (blackbox/). Families do not import
     # each other (see FAMILY_IMPORTS_ALLOWED).

@@ -117,6 +117,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also check every shard's SHA-256 against the manifest (reads the whole store)",
     )
+    sc = st_sub.add_parser(
+        "check",
+        help="a signal doctor: refuse or warn before training (exit 2 on any refusal)",
+    )
+    sc.add_argument("path", metavar="STORE")
+    sc.add_argument(
+        "--against",
+        metavar="RECIPE",
+        help="also check the store against a classify or causal_lm recipe: vocabulary, "
+        "tokenizer, alignment, temperature, KD weight",
+    )
+    sc.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     sa = st_sub.add_parser(
         "from-api",
         help="turn the top_logprobs that dk generate captured into a top-k + tail store",
@@ -227,9 +239,9 @@ def _main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (dk run r.yaml --out x train.seed=2).
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.cmd not in ("run", "validate", "label", "generate") or any(
-            x.startswith("-") for x in extra
-        ):
+        takes = ("run", "validate", "label", "generate")
+        check = args.cmd == "store" and args.store_cmd == "check"
+        if (args.cmd not in takes and not check) or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if args.quiet and args.verbose:
@@ -422,6 +434,22 @@ def _dispatch_one(args) -> int:
                 force=args.force,
             )
             print(format_info(store.info()))
+            return 0
+        if args.store_cmd == "check":
+            from .doctor import check
+
+            if args.overrides and args.against is None:
+                raise DKError("dk store check: key=value overrides need --against RECIPE")
+            findings = check(args.path, args.against, args.overrides)
+            for f in findings:
+                print(f)
+            refused = sum(f.level == "refuse" for f in findings)
+            warned = len(findings) - refused
+            if refused:
+                print(f"{args.path}: {refused} refusal(s), {warned} warning(s): fix the store "
+                      "or the recipe before training", file=sys.stderr)  # fmt: skip
+                return 2
+            print(f"ok: {args.path}" + (f" ({warned} warning(s))" if warned else ""))
             return 0
         store = open_store(args.path, preload_bytes=0, verify=False)  # headers only
         info = store.info()
