@@ -59,7 +59,7 @@ def _fingerprint(d: Doctor, st: SignalStore, expect: dict, what: dict[str, str])
 
 
 def _temperature(d: Doctor, st: SignalStore, name: str, t: float | None) -> None:
-    if st.signal == "topk" and t is not None and abs(t - st.temperature) > 1e-9:
+    if st.signal in ("topk", "sampled") and t is not None and abs(t - st.temperature) > 1e-9:
         d.refuse(
             f"temperature: the top-k store holds probabilities at {st.temperature:g}, "
             f"{name} is {t:g}; relabel at {t:g} or set {name}={st.temperature:g}"
@@ -175,8 +175,8 @@ def _causal_lm(d: Doctor, st: SignalStore, recipe):
         "example_ids": f"alignment: the recipe's {n} block ids are not the store's {len(st)}",
         "preprocessing": "the recipe's data section (preprocessing) differs from the store's",
     }
-    if st.inputs is not None:  # a store that keeps its token ids: name the first position
-        _first_misaligned(d, st, x, ids)
+    if st.inputs is not None and _first_misaligned(d, st, x, ids):
+        return None  # a store that keeps its token ids: the first position is named
     if not _fingerprint(d, st, expect, meaning):
         return None
     labels = torch.full((len(st), block), -1, dtype=torch.long)
@@ -184,12 +184,13 @@ def _causal_lm(d: Doctor, st: SignalStore, recipe):
     return labels
 
 
-def _first_misaligned(d: Doctor, st: SignalStore, x: Tensor, ids: Tensor) -> None:
+def _first_misaligned(d: Doctor, st: SignalStore, x: Tensor, ids: Tensor) -> bool:
+    """Refuse the first block whose tokens differ from the stored ones (True if one did)."""
     at = {int(e): r for r, e in enumerate(st.input_ids.tolist())}
     for i, e in enumerate(ids.tolist()):
         if e not in at:
             d.refuse(f"alignment: block {e} is not in the store")
-            return
+            return True
         a, b = x[i], st.inputs[at[e], : x.shape[1]]
         diff = (a[: len(b)] != b).nonzero()
         if len(diff):
@@ -198,7 +199,8 @@ def _first_misaligned(d: Doctor, st: SignalStore, x: Tensor, ids: Tensor) -> Non
                 f"alignment: example {e}, position {p}: the recipe's token is {int(a[p])}, "
                 f"the store's {int(b[p])}"
             )
-            return
+            return True
+    return False
 
 
 def _chat_alignment(d: Doctor, st: SignalStore, recipe, data):

@@ -73,3 +73,12 @@ def test_sampled_token_store(tmp_path: Path, capsys):
     assert main([*bad, "distill.loss.kind=reverse_kl"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "reverse_kl cannot be estimated without bias" in err, err
+    # the signal doctor reads a sampled store too: counts summing to k, the recipe's
+    # temperature against the store's
+    capsys.readouterr()
+    assert main(["store", "check", str(out), "--against", str(r)]) == 0
+    assert "refuse:" not in capsys.readouterr().out
+    assert (
+        main(["store", "check", str(out), "--against", str(r), "distill.loss.temperature=2"]) == 2
+    )
+    assert "temperature" in capsys.readouterr().out

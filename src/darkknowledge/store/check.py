@@ -147,7 +147,9 @@ def _scan(d: Doctor, st: SignalStore, labels: Tensor | None) -> None:
     hot_n = hot_on = 0
     q8 = st.dtype == "q8"
     tol = SUM_TOL[st.dtype]
-    width = {"dense": st.vocab, "head": st.vocab, "topk": st.k or 1}[st.signal]
+    width = {"dense": st.vocab, "head": st.vocab, "topk": st.k or 1, "sampled": st.k or 1}[
+        st.signal
+    ]
     W, B = st.head_weight, st.head_bias
     for i, mp in enumerate(st._maps):
         name = st._files[i].name
@@ -200,6 +202,12 @@ def _scan(d: Doctor, st: SignalStore, labels: Tensor | None) -> None:
                 tallies["sum"].add(ok & ~positive & ~out & ((total - 1).abs() > tol), where)
                 top_p, at = lp.max(-1)
                 top_p, top_id = top_p.exp(), tid.gather(1, at[:, None]).squeeze(1)
+            elif st.signal == "sampled":  # k draws: the counts of each position sum to k
+                cnt = to_torch(mp["sample_counts"][lo:hi]).long().reshape(len(valid), -1)
+                sid = to_torch(mp["sample_ids"][lo:hi]).long().reshape(len(valid), -1)
+                tallies["sum"].add(valid & (cnt.sum(-1) != st.k), where)
+                c, at = cnt.max(-1)
+                top_p, top_id = c.double() / st.k, sid.gather(1, at[:, None]).squeeze(1)
             else:
                 if st.signal == "dense":
                     logits = to_torch(mp["logits"][lo:hi]).float().reshape(len(valid), -1)
