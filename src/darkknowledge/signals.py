@@ -11,7 +11,7 @@ re-exports them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -75,23 +75,17 @@ class Signals:
         )
 
     def to(self, device: torch.device | str) -> Signals:
-        """Every tensor signal moved to ``device``."""
-
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
-
-        return Signals(
-            logits=move(self.logits),
-            topk_ids=move(self.topk_ids),
-            topk_logprobs=move(self.topk_logprobs),
-            tail_mass=move(self.tail_mass),
-            sampled_ids=move(self.sampled_ids),
-            sampled_weights=move(self.sampled_weights),
-            hidden={k: v.to(device) for k, v in self.hidden.items()},
-            mask=move(self.mask),
-            text=self.text,
-            temperature=self.temperature,
-        )
+        """Every tensor signal moved to ``device``; every other field as it is (each
+        field of the dataclass: a new one can not be dropped here)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                v = v.to(device)
+            elif f.name == "hidden":
+                v = {k: t.to(device) for k, t in v.items()}
+            out[f.name] = v
+        return Signals(**out)
 
     @staticmethod
     def cat(parts: list[Signals]) -> Signals:
