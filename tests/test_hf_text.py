@@ -249,6 +249,15 @@ def test_dk_label_on_a_text_recipe_then_distil_from_the_store(tmp_path, capsys):
     assert main(["label", str(SMOKE), "--out", str(store)]) == 0
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_examples"] == 256
+    # the same recipe again: reused as is; another teacher: refused naming the key, and
+    # nothing touched (the fine-tuned teacher in store/teacher is not reused for it)
+    assert main(["-q", "label", str(SMOKE), "--out", str(store)]) == 0
+    before = (store / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main(["-q", "label", str(SMOKE), "--out", str(store), "teacher.finetune.lr=2e-3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "teacher.finetune.lr differs" in err, err
+    assert (store / "manifest.json").read_bytes() == before
     run = tmp_path / "run"
     over = [f"signals_dir={store}", f"teacher.checkpoint={store / 'teacher' / 'model'}",
             "variants=[{name: distilled}]", "eval.latency=false"]  # fmt: skip

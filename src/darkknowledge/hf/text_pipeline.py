@@ -442,10 +442,17 @@ def label_text_recipe(recipe: TextRecipe, out: str | Path, force: bool = False):
     the recipe says so) over the students' training examples, into the store at ``out``
     (logits and the pooled hidden states the variants' terms need). A text recipe reuses
     it with ``signals_dir: OUT``."""
-    from ..store.folder import check_store_folder
+    from ..store.label_folder import prepare_label_folder
 
     out = Path(out)
-    check_store_folder(out, force)  # before the teacher fine-tunes into out/teacher
+    # the folder's store and teacher are reused only for this recipe's teacher and data
+    # (the class names change neither); checked before the teacher fine-tunes into it
+    dumped = recipe.model_dump(mode="json")
+    record = {
+        "teacher": dumped["teacher"],
+        "data": {k: v for k, v in dumped["data"].items() if k != "label_names"},
+    }
+    prepare_label_folder(out, record, force, trains_teacher=True)
     splits = _data(recipe)
     teacher, tok, enc, _ = teacher_stage(recipe, out, splits, resume=True)
     d = recipe.data
@@ -453,7 +460,7 @@ def label_text_recipe(recipe: TextRecipe, out: str | Path, force: bool = False):
     for p in teacher.parameters():
         p.requires_grad_(False)
     store = signals_stage(recipe.model_copy(update={"signals_dir": out}), out, teacher, tok, enc,
-                          force=force)  # fmt: skip
+                          force=force, record=record)  # fmt: skip
     if store is None:
         raise DKError(
             "dk label: no variant of this recipe reads stored signals (soft, cosine or "
@@ -462,7 +469,7 @@ def label_text_recipe(recipe: TextRecipe, out: str | Path, force: bool = False):
     return store
 
 
-def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
+def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool, record: dict | None = None):
     """The teacher's logits (and pooled hidden states) on the training set, stored once."""
     from ..store import LabelSpec, label
     from ..store.fingerprint import json_digest
@@ -493,6 +500,7 @@ def signals_stage(recipe, run: Path, teacher, tok, enc, force: bool):
             "examples": [recipe.data.student_examples, recipe.data.student_examples_seed],
         },
         tokenizer=json_digest(tok.get_vocab()),
+        recipe=record,
         force=force,
     )
     _log(f"signals: ready ({time.perf_counter() - t0:.0f} s)")
