@@ -13,7 +13,6 @@ from torch import Tensor
 
 from .store import fingerprint as fp
 from .store.check import Doctor, Finding, check_store
-from .store.format import to_torch
 from .store.reader import SignalStore
 
 
@@ -217,8 +216,7 @@ def _chat_alignment(d: Doctor, st: SignalStore, recipe, data):
     keys = data.train_keys or read_keys(dd.train, dd.id_key, dd.sample_key)[: len(data.train)]
     by_key = dict(zip(st.keys, st.input_ids.tolist(), strict=True))
     row_of = {int(e): r for r, e in enumerate(st.input_ids.tolist())}
-    mask = torch.cat([to_torch(mp["mask"]).bool() for mp in st._maps])  # (N, T) u8 → bool
-    lengths = mask.sum(-1)
+    lengths = st.lengths(st.input_ids)  # valid positions, in the order of st.inputs
     covered = total = 0
     first = None
     for i, key in enumerate(keys):

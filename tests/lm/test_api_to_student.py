@@ -151,14 +151,21 @@ def test_store_join_refusals(tmp_path, capsys):
     assert main(["store", "from-api", str(tmp_path / "gen" / "results.jsonl"),
                  "--tokenizer", str(teacher_dir), "--out", str(store)]) == 0  # fmt: skip
     sft = tmp_path / "gen" / "sft.jsonl"
+    recipe = _recipe(tmp_path, teacher_dir, store)
+    # the signal doctor joins the rows as dk run does: nothing to refuse here
+    capsys.readouterr()
+    assert main(["store", "check", str(store), "--against", str(recipe)]) == 0
+    assert "refuse:" not in capsys.readouterr().out
     rows = [json.loads(x) for x in sft.read_text().splitlines()]
     rows[0]["id"] = "not-there"
     sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = _recipe(tmp_path, teacher_dir, store)
     capsys.readouterr()
     assert main(["run", str(recipe), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert "(id 'not-there', sample 0) is not in the store" in err and "\n" not in err
+    assert main(["store", "check", str(store), "--against", str(recipe)]) == 2
+    out = capsys.readouterr().out
+    assert "refuse: alignment:" in out and "(id 'not-there', sample 0) is not in the store" in out
 
 
 @pytest.fixture(autouse=True)
