@@ -205,6 +205,7 @@ def _first_misaligned(d: Doctor, st: SignalStore, x: Tensor, ids: Tensor) -> boo
 def _chat_alignment(d: Doctor, st: SignalStore, recipe, data):
     """Chat rows joined by key to a store of sampled responses, token by token."""
     from .lm.data import read_keys
+    from .lm.pipeline import join_responses
 
     dd = recipe.data
     if st.keys is None or st.inputs is None:
@@ -214,41 +215,25 @@ def _chat_alignment(d: Doctor, st: SignalStore, recipe, data):
         )
         return None
     keys = data.train_keys or read_keys(dd.train, dd.id_key, dd.sample_key)[: len(data.train)]
-    by_key = dict(zip(st.keys, st.input_ids.tolist(), strict=True))
-    row_of = {int(e): r for r, e in enumerate(st.input_ids.tolist())}
-    lengths = st.lengths(st.input_ids)  # valid positions, in the order of st.inputs
-    covered = total = 0
-    first = None
-    for i, key in enumerate(keys):
-        if key not in by_key:
-            d.refuse(
-                f"alignment: {dd.train}: training row {i + 1} (id {key[0]!r}, sample "
-                f"{key[1]}) is not in the store"
-            )
-            return None
-        r = row_of[by_key[key]]
-        ex = data.train.student[i]
-        resp = list(ex.ids[ex.n_prompt :])
-        sampled = st.inputs[r, : int(lengths[r])].tolist()
-        m = 0
-        for a, b in zip(resp, sampled, strict=False):
-            if a != b:
-                if first is None:
-                    first = (i, key, m, a, b)
-                break
-            m += 1
-        covered, total = covered + m, total + len(resp)
-    if covered == 0:
+    j = join_responses(st, keys, data.train.student)
+    if j.missing is not None:
+        i, key = j.missing
+        d.refuse(
+            f"alignment: {dd.train}: training row {i + 1} (id {key[0]!r}, sample "
+            f"{key[1]}) is not in the store"
+        )
+        return None
+    if j.covered == 0:
         d.refuse(
             "alignment: no response token of the chat rows agrees with the sampled tokens "
             "the store holds (another text, chat template or tokenizer)"
         )
         return None
-    if first is not None:
-        i, key, m, a, b = first
+    if j.first is not None:
+        i, key, m, a, b = j.first
         d.warn(
             f"alignment: training row {i + 1} (id {key[0]!r}, sample {key[1]}), response "
             f"position {m}: the student's token is {a}, the store's {b}; KD covers "
-            f"{covered / max(total, 1):.1%} of the response tokens (the rest trains with CE)"
+            f"{j.covered / max(j.total, 1):.1%} of the response tokens (the rest trains with CE)"
         )
     return None  # the stored inputs are the labels (see _stored_labels)

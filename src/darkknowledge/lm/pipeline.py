@@ -1051,6 +1051,46 @@ def open_token_store(recipe: LMRecipe, data: Data, tok):
     return teacher
 
 
+@dataclasses.dataclass
+class ResponseJoin:
+    """Chat rows joined by (prompt id, sample) key to a store of sampled responses."""
+
+    rows: list[int]  # the store example id of each training row (up to a missing key)
+    lens: list[int]  # each row's leading response tokens that agree with the sampled ones
+    covered: int  # Σ lens
+    total: int  # Σ response tokens
+    missing: tuple[int, tuple[str, int]] | None = None  # (row index, key) not in the store
+    # the first disagreement: (row index, key, response position, row's token, store's)
+    first: tuple[int, tuple[str, int], int, int, int] | None = None
+
+
+def join_responses(st, keys: list[tuple[str, int]], examples) -> ResponseJoin:
+    """Each chat row's store example (by key) and how many of its response tokens (this
+    tokenizer, this chat template) agree with the sampled tokens the store keeps. Stops
+    at the first key the store lacks (``missing``). Shared by the run and `dk store check`."""
+    by_key = dict(zip(st.keys, st.input_ids.tolist(), strict=True))
+    for i, key in enumerate(keys):
+        if key not in by_key:
+            return ResponseJoin([], [], 0, 0, missing=(i, key))
+    rows = [by_key[k] for k in keys]
+    at = {int(e): r for r, e in enumerate(st.input_ids.tolist())}  # example id → inputs row
+    n_stored = st.lengths(torch.tensor(rows)).tolist()
+    j = ResponseJoin(rows, [], 0, 0)
+    for i, ex in enumerate(examples):
+        resp = list(ex.ids[ex.n_prompt :])
+        sampled = st.inputs[at[rows[i]], : n_stored[i]].tolist()
+        n = 0
+        for a, b in zip(resp, sampled, strict=False):
+            if a != b:
+                if j.first is None:
+                    j.first = (i, keys[i], n, a, b)
+                break
+            n += 1
+        j.lens.append(n)
+        j.covered, j.total = j.covered + n, j.total + len(resp)
+    return j
+
+
 def _open_response_store(recipe: LMRecipe, data: Data, tok):
     """A store of sampled responses (``dk store from-api``) joined to the chat rows.
 
@@ -1084,38 +1124,21 @@ def _open_response_store(recipe: LMRecipe, data: Data, tok):
             f"{where}: fingerprint field 'temperature' differs: the store holds log-probs "
             f"at {st.temperature:g}, distill.loss.temperature is {t:g}"
         )
-    by_key = dict(zip(st.keys, st.input_ids.tolist(), strict=True))
-    row_of = {int(e): i for i, e in enumerate(st.input_ids.tolist())}
-    d = recipe.data
-    rows, lens = [], []
-    for i, key in enumerate(data.train_keys):
-        if key not in by_key:
-            raise DKError(
-                f"{d.train}: training row {i + 1} (id {key[0]!r}, sample {key[1]}) is not in "
-                f"the store {tc.path}; convert the same `dk generate` results it came from"
-            )
-        rows.append(by_key[key])
-    stored = st.inputs
-    n_stored = st.lengths(torch.tensor(rows)).tolist()
-    covered = total = 0
-    for i, ex in enumerate(data.train.student):
-        resp = ex.ids[ex.n_prompt :]
-        sampled = stored[row_of[rows[i]], : n_stored[i]].tolist()
-        n = 0
-        for a, b in zip(resp, sampled, strict=False):
-            if a != b:
-                break
-            n += 1
-        lens.append(n)
-        covered, total = covered + n, total + len(resp)
-    if covered == 0:
+    j = join_responses(st, data.train_keys, data.train.student)
+    if j.missing is not None:
+        i, key = j.missing
+        raise DKError(
+            f"{recipe.data.train}: training row {i + 1} (id {key[0]!r}, sample {key[1]}) is "
+            f"not in the store {tc.path}; convert the same `dk generate` results it came from"
+        )
+    if j.covered == 0:
         raise DKError(
             f"{where}: no response token of the chat rows agrees with the sampled tokens the "
             "store holds; the store is for other text or another tokenizer"
         )
-    data.store_rows = torch.tensor(rows, dtype=torch.long)
-    data.store_len = torch.tensor(lens, dtype=torch.long)
-    data.store_coverage = covered / max(total, 1)
+    data.store_rows = torch.tensor(j.rows, dtype=torch.long)
+    data.store_len = torch.tensor(j.lens, dtype=torch.long)
+    data.store_coverage = j.covered / max(j.total, 1)
     return teacher
 
 
