@@ -2,7 +2,8 @@
 only transformers loads a char-level and a BPE student saved by a run, with their
 tokenizers as PreTrainedTokenizerFast / GPT-2 (not transformers 5's TokenizersBackend,
 which transformers 4 does not know), model_max_length = the model's positions, and
-generates."""
+generates, past its positions too: GPT-2 students are saved with their learned position
+table widened (the trained rows untouched), rotary ones need nothing."""
 
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ for d, prompt, new, min_new in json.loads(sys.argv[1]):
         "round_trip": tok.decode(enc["input_ids"][0]) == prompt,
         "prompt_len": enc["input_ids"].shape[1],
         "out_len": out.shape[1],
+        "n_positions": model.config.to_dict().get("n_positions"),
+        "gen_max_length": model.generation_config.max_length,
     }
 print(json.dumps(res))
 """
@@ -83,13 +86,13 @@ def saved(tmp_path_factory) -> dict:
     ctok = hfio.char_tokenizer(text.read_text())
     rope = root / "rope"
     P.save_model(P.build_model(TinyModel(**LLAMA), ctok, 0), ctok, rope)
-    jobs = [(str(char), "First Citizen:", 30, 0), (str(rope), "ROMEO:", 100, 100)]
+    jobs = [(str(char), "First Citizen:", 100, 100), (str(rope), "ROMEO:", 100, 100)]
     bpe = None
     if GPT2_TOK.exists():
         btok = hfio.load_tokenizer(GPT2_TOK)
         bpe = root / "bpe"
         P.save_model(P.build_model(TinyModel(**GPT2), btok, 0), btok, bpe)
-        jobs.append((str(bpe), "To be, or not to be", 20, 0))
+        jobs.append((str(bpe), "To be, or not to be", 100, 100))
     p = subprocess.run(
         [PROBE_PYTHON, "-c", PROBE, json.dumps(jobs)], capture_output=True, text=True,
         timeout=120,
@@ -104,11 +107,46 @@ def test_char_student_of_a_run_loads_and_generates_in_plain_transformers(saved):
     model_dir, r = saved["char"]
     assert r["fast"] and r["saved_class"] == "PreTrainedTokenizerFast"
     assert r["max_len"] == 64 and r["round_trip"] and r["prompt_len"] == len("First Citizen:")
-    assert r["prompt_len"] < r["out_len"] <= r["prompt_len"] + 30
+    # 100 new tokens after a 14-token prompt: past the 64 trained positions
+    assert r["out_len"] == r["prompt_len"] + 100 > 64
+    assert r["n_positions"] == hfio.GENERATE_POSITIONS and r["gen_max_length"] == 64
     card = (model_dir / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "char-portable" in card
     assert "validation loss" in card and str(saved["text"]) in card
-    assert "64 token positions" in card and "IndexError" in card
+    assert "64 token positions" in card and "widened to 1024" in card
+
+
+def test_widened_gpt2_gives_the_trained_outputs_on_the_trained_positions(tmp_path):
+    """The saved (widened) GPT-2 gives the in-memory model's logits on all 64 trained
+    positions, and differs from a table cut at 64 only past them (where that one fails)."""
+    import torch
+    import transformers as tf
+
+    tok = hfio.char_tokenizer(SHAKES.read_text()[:2_000])
+    model = P.build_model(TinyModel(**GPT2), tok, 0).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_()  # distinct rows, as after training
+    P.save_model(model, tok, tmp_path / "m")
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert back.config.n_positions == 1024 and back.config.trained_positions == 64
+    assert model.config.n_positions == 64  # the model in memory is not changed
+    ids = torch.randint(0, len(tok), (2, 64))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+        w = back.transformer.wpe.weight
+        assert torch.equal(w[:64], model.transformer.wpe.weight)
+        assert torch.equal(w[64:], w[63].expand(1024 - 64, -1))
+        longer = back(torch.randint(0, len(tok), (1, 100))).logits
+    assert torch.isfinite(longer).all()
+    # loaded by this tool, it is the model as trained (weights, config, fingerprint)
+    inside = hfio.load_model(tmp_path / "m", "AutoModelForCausalLM")
+    assert inside.config.n_positions == 64 and not hasattr(inside.config, "trained_positions")
+    sd, ref = inside.state_dict(), model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    # saved again (e.g. after training on from it), it keeps its trained count
+    P.save_model(back, tok, tmp_path / "again")
+    cfg = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert cfg["model_max_length"] == 64
 
 
 @pytest.mark.skipif(not GPT2_TOK.exists(), reason="shared GPT-2 tokenizer not present")
@@ -116,12 +154,13 @@ def test_bpe_student_loads_with_its_gpt2_tokenizer(saved):
     _, r = saved["bpe"]
     assert r["fast"] and r["saved_class"] == "GPT2Tokenizer"
     assert r["max_len"] == 64 and r["round_trip"] and r["prompt_len"] == 7
-    assert r["out_len"] > 7
+    assert r["out_len"] == 107 > 64 and r["n_positions"] == hfio.GENERATE_POSITIONS
 
 
 def test_rope_student_generates_past_its_positions(saved):
     """A LLaMA-style (rotary) char student generates 100 tokens past its 64 positions in
-    plain transformers; learned-position (GPT-2) students cannot (docs/export.md)."""
+    plain transformers, saved as it is (nothing widened)."""
     _, r = saved["rope"]
     assert r["max_len"] == 64 and r["saved_class"] == "PreTrainedTokenizerFast"
     assert r["out_len"] == len("ROMEO:") + 100 > 64
+    assert r["n_positions"] is None and r["gen_max_length"] == 64

@@ -113,7 +113,7 @@ def load_model(source: str | os.PathLike, auto_class: str = "AutoModel", **kwarg
     if Path(src).exists() and not Path(src).is_dir():
         raise DKError(f"{src}: expected a model folder (config.json + weights), not a file")
     try:
-        return auto.from_pretrained(src, **kwargs)
+        return narrow_learned_positions(auto.from_pretrained(src, **kwargs))
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DKError(f"cannot load model {src!r} ({auto_class}): {first}") from None
@@ -163,8 +163,10 @@ def whole_copy(model, full: dict):
 def positions(config) -> int | None:
     """How many token positions a model takes (``n_positions`` /
     ``max_position_embeddings``); RoBERTa-style models lose ``pad_token_id + 1`` of them
-    to their position offset. None when the config names none."""
-    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+    to their position offset; a model saved with a widened position table
+    (:func:`widen_learned_positions`) takes the ones it was trained on. None when the
+    config names none."""
+    for key in ("trained_positions", "n_positions", "max_position_embeddings", "n_ctx"):
         n = getattr(config, key, None)
         if isinstance(n, int) and n > 0:
             if "roberta" in str(getattr(config, "model_type", "")):
@@ -214,15 +216,77 @@ def _portable_tokenizer(cfg: dict, n: int | None, template: str | None) -> dict:
     return cfg
 
 
-def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+# A GPT-2 model saved with fewer learned positions than this gets its position table
+# widened to it (see widen_learned_positions).
+GENERATE_POSITIONS = 1024
+
+
+def widen_learned_positions(model, upto: int = GENERATE_POSITIONS):
+    """A copy of a GPT-2 model whose learned position table runs to ``upto`` rows, the
+    rows past the trained ``n_positions`` repeating the last trained one; None when there
+    is nothing to widen (not GPT-2, or already ``upto`` positions or more).
+
+    Plain transformers has no vector for position ``n_positions`` of a learned-position
+    model, and ``generate(max_new_tokens=...)`` past it fails with an IndexError whatever
+    the saved generation config says. With the widened table, every position the model
+    was trained on gives the same outputs as before (the trained rows are untouched),
+    and generation past them goes on with the last trained position's vector instead of
+    failing. The config records the trained count as ``trained_positions``."""
+    import copy
+
+    import torch
+
+    cfg = model.config
+    n = getattr(cfg, "n_positions", None)
+    if getattr(cfg, "model_type", "") != "gpt2" or not isinstance(n, int) or n >= upto:
+        return None
+    wide = copy.deepcopy(model)
+    old = wide.transformer.wpe
+    w = old.weight.detach()
+    new = torch.nn.Embedding(upto, w.shape[1], device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight[:n] = w
+        new.weight[n:] = w[n - 1]
+    wide.transformer.wpe = new
+    wide.config.n_positions = upto
+    wide.config.trained_positions = n
+    return wide
+
+
+def narrow_learned_positions(model):
+    """Undo :func:`widen_learned_positions` on a loaded model (in place): the position
+    table cut back to the ``trained_positions`` rows, so inside this tool a saved model is
+    the model as trained (same weights, same fingerprint, same limits)."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "trained_positions", None)
+    if getattr(cfg, "model_type", "") != "gpt2" or not isinstance(n, int):
+        return model
+    import torch
+
+    wpe = model.transformer.wpe
+    if 0 < n < wpe.num_embeddings:
+        new = torch.nn.Embedding(n, wpe.embedding_dim, device=wpe.weight.device,
+                                 dtype=wpe.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            new.weight.copy_(wpe.weight[:n])
+        model.transformer.wpe = new
+        cfg.n_positions = n
+    del cfg.trained_positions
+    return model
+
+
+def save_pretrained(
+    model, out_dir: str | os.PathLike, tokenizer=None, max_length: int | None = None
+) -> Path:
     """Save a model (and its tokenizer) with ``save_pretrained`` (safetensors), so that
     plain transformers (4.x and 5.x) loads both: the tokenizer's class is one both know,
-    and its ``model_max_length`` is the model's positions (not transformers' unbounded
-    1e30), so a pipeline's ``truncation=True`` keeps prompts inside the model."""
+    and its ``model_max_length`` is the model's positions (``max_length`` when given: the
+    positions it was trained on), not transformers' unbounded 1e30, so a pipeline's
+    ``truncation=True`` keeps prompts inside the model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    n = positions(model.config)
+    n = max_length or positions(model.config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
         jinja = out / "chat_template.jinja"

@@ -665,11 +665,26 @@ class LMTask:
 
 
 def save_model(model, tok, folder: Path) -> Path:
-    """save_pretrained + tokenizer; a LoRA student is merged first (servable as is)."""
+    """save_pretrained + tokenizer; a LoRA student is merged first (servable as is).
+
+    The tokenizer's ``model_max_length`` and the generation config's ``max_length`` are
+    the positions the model was trained on. A GPT-2 model is saved with its learned
+    position table widened (:func:`hfio.widen_learned_positions`), so ``generate`` in
+    plain transformers runs past the trained positions instead of raising IndexError."""
     m = model
     if hasattr(m, "merge_and_unload"):
         m = m.merge_and_unload()
-    return hfio.save_pretrained(m, folder, tok)
+    n = hfio.positions(m.config)
+    m = hfio.widen_learned_positions(m) or m
+    gen = getattr(m, "generation_config", None)
+    before = getattr(gen, "max_length", None)
+    if n and gen is not None:
+        gen.max_length = n
+    try:
+        return hfio.save_pretrained(m, folder, tok, max_length=n)
+    finally:
+        if gen is not None:
+            gen.max_length = before  # the model in memory keeps its own
 
 
 def _model_name(spec) -> str:
@@ -696,11 +711,12 @@ def student_card(recipe: LMRecipe, folder: Path, result: dict, model) -> Path:
     notes = []
     if n:
         notes.append(f"The model takes {n} token positions (the tokenizer's model_max_length).")
-        if getattr(model.config, "model_type", "") == "gpt2":
+        if getattr(model.config, "model_type", "") == "gpt2" and n < hfio.GENERATE_POSITIONS:
             notes.append(
-                f"Keep prompt + max_new_tokens within {n}: past its learned position "
-                "embeddings generate() fails with an IndexError (transformers does not stop "
-                "there by itself)."
+                f"It was trained on {n} positions. Its learned position table is saved "
+                f"widened to {hfio.GENERATE_POSITIONS} rows, the rows past {n} repeating "
+                f"position {n - 1}, so generate() runs past {n} tokens instead of raising "
+                "IndexError; text past the trained positions is untested."
             )
     loss = recipe.distill.loss.kind if recipe.distill.mode in ("token", "gkd") else None
     return write_card(
