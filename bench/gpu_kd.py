@@ -17,8 +17,9 @@ Sections (all in one run, one JSON):
   ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``; β = 0 / 0.5);
   ``liger_fkl`` / ``liger_jsd`` (Liger-Kernel's ``liger_kernel.transformers.
   LigerFusedLinearJSD``, ``jsd_beta`` 0 / 0.5; Triton, so GPU only).
-- ``agree``: the same quantities on the same fp32 inputs (hidden states and heads):
-  loss values and gradients, darkknowledge against TRL (and Liger on a GPU).
+- ``agree``: the same quantities on the same fp32 inputs (hidden states and heads), at
+  β = 0, 0.5, 0.25 and 1 (reverse KL): loss values and gradients, darkknowledge against
+  TRL (and Liger on a GPU).
 - ``label``: darkknowledge's labeller (``darkknowledge.store.label.label``: fingerprint,
   encode, atomic shards, manifest) into a top-k store (k 64, q8, tail prior) and a sampled
   store (16 draws) vs the raw teacher forward over the same token blocks; tokens/s,
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import statistics
@@ -75,7 +75,9 @@ MODES = {
     "liger_fkl": "liger_kernel.transformers.LigerFusedLinearJSD, jsd_beta 0",
     "liger_jsd": "liger_kernel.transformers.LigerFusedLinearJSD, jsd_beta 0.5",
 }
-BETA = {"fkl": 0.0, "jsd": 0.5}
+# β of the generalised JSD (0: forward KL, 1: reverse KL); jsd25 and rkl are checked in
+# the agreement section only (β = 0.5 is symmetric, so it cannot tell β from 1 − β)
+BETA = {"fkl": 0.0, "jsd": 0.5, "jsd25": 0.25, "rkl": 1.0}
 SECTIONS = ("step", "agree", "label", "quality")
 LIGER_CPU = "liger: not run on CPU (Triton kernels need a GPU)"
 
@@ -85,6 +87,8 @@ LIGER_CPU = "liger: not run on CPU (Triton kernels need a GPU)"
 
 def sizes(a) -> dict:
     """Every size of a run: the pinned GPU set-up, or the tiny CPU smoke one."""
+    import lm_memory  # the pinned teacher and student
+
     if a.smoke:
         return dict(
             device="cpu", dtype="fp32", vocab=512, seq=32, batch=2, chunk=16, timed=2,
@@ -96,13 +100,13 @@ def sizes(a) -> dict:
         )  # fmt: skip
     return dict(
         device="cuda", dtype="bf16", vocab=151_936, seq=4096, batch=4, chunk=1024,
-        timed=a.timed_steps, teacher=(8, 512, 8), student=(4, 256, 4),
+        timed=a.timed_steps, teacher=lm_memory.TEACHER, student=lm_memory.STUDENT,
         agree_n=512, agree_v=151_936, agree_h=(256, 512),
         label_seqs=a.label_seqs, label_batch=1, label_rounds=a.label_rounds, label_topk=64,
         label_draws=16,
         q_seq=256, q_windows=512, q_val=128, q_teacher_steps=a.teacher_steps,
         q_steps=a.quality_steps, q_batch=16, q_k=16, q_lr=1e-3,
-        q_teacher=(8, 512, 8), q_student=(4, 256, 4),
+        q_teacher=lm_memory.TEACHER, q_student=lm_memory.STUDENT,
     )  # fmt: skip
 
 
@@ -118,10 +122,6 @@ def _sync(dev):
 
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _err(e: BaseException) -> str:
@@ -301,7 +301,7 @@ def agree_section(z: dict) -> dict:
     h, th = rnd(n, hs), rnd(n, ht)
     w, tw = rnd(v, hs, scale=2.0 / hs**0.5), rnd(v, ht, scale=3.0 / ht**0.5)
     out: dict = {"tokens": n, "vocab": v, "hidden": [hs, ht], "dtype": "fp32"}
-    for kind in ("fkl", "jsd"):
+    for kind in BETA:
         got = {}
         for fam in ("dk", "trl", "liger"):
             if fam == "liger" and dev.type == "cpu":

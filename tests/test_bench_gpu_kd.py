@@ -79,19 +79,23 @@ def test_smoke_has_every_field_finite(smoke):
 
 
 def test_smoke_darkknowledge_and_trl_losses_agree(smoke):
-    """Forward KL and JSD(β = 0.5) through darkknowledge's chunked head and through TRL's
+    """Forward KL and JSD through darkknowledge's chunked head and through TRL's
     DistillationTrainer loss: the same number on the same models and tokens (the step
-    rows) and on the same random hidden states and heads, with the same gradients."""
+    rows, β = 0 and 0.5) and on the same random hidden states and heads, with the same
+    gradients (β = 0, 0.5, 0.25, 1)."""
     rows = smoke["step"]["rows"]
     for kind in ("fkl", "jsd"):
         assert rows[f"dk_{kind}"]["loss"] == pytest.approx(rows[f"trl_{kind}"]["loss"], abs=1e-5)
+    # β = 0.25 tells β from 1 − β (0.5 is symmetric); β = 1 is the reverse KL
+    betas = {"fkl": 0.0, "jsd": 0.5, "jsd25": 0.25, "rkl": 1.0}
+    for kind, beta in betas.items():
         a = smoke["agree"][kind]
+        assert a["beta"] == beta
         assert a["dk_loss"] > 0
         assert a["trl"]["abs_diff"] <= 1e-5
         assert a["trl"]["grad_hidden_max_abs_diff"] <= 1e-5
         assert a["trl"]["grad_head_max_abs_diff"] <= 1e-5
         assert a["liger"] == {"status": LIGER_CPU}
-    assert smoke["agree"]["jsd"]["beta"] == 0.5
 
 
 def test_bad_input_is_one_line_and_exit_2():
