@@ -61,22 +61,31 @@ def rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def setup(args):
-    import torch
+# (layers, width, heads) of the pinned teacher and student
+TEACHER = (8, 512, 8)
+STUDENT = (4, 256, 4)
 
+
+def build_pair(vocab: int, seq: int, teacher=TEACHER, student=STUDENT):
+    """The teacher and student GPT-2s (random weights, seeded), fp32 on the CPU."""
     from darkknowledge.hf import io as hfio
+
+    common = dict(vocab_size=vocab, n_positions=seq, bos_token_id=0, eos_token_id=0)
+    t, s = (
+        hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=seed, n_layer=layers,
+                        n_embd=width, n_head=heads, **common)
+        for seed, (layers, width, heads) in ((1, teacher), (2, student))
+    )  # fmt: skip
+    return t, s
+
+
+def setup(args, teacher=TEACHER, student=STUDENT):
+    import torch
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.cuda else torch.float32
     dev = torch.device("cuda" if args.cuda else "cpu")
-    vocab = args.vocab
-    common = dict(vocab_size=vocab, n_positions=args.seq, bos_token_id=0, eos_token_id=0)
-    teacher = hfio.build_tiny(
-        "tiny-gpt2", "AutoModelForCausalLM", seed=1, n_layer=8, n_embd=512, n_head=8, **common
-    )
-    student = hfio.build_tiny(
-        "tiny-gpt2", "AutoModelForCausalLM", seed=2, n_layer=4, n_embd=256, n_head=4, **common
-    )
+    teacher, student = build_pair(args.vocab, args.seq, teacher, student)
     teacher = teacher.to(dev, dtype).eval()
     student = student.to(dev, dtype)
     for p in teacher.parameters():

@@ -151,9 +151,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if bias is not None and bias.requires_grad
             else None
         )
-        total = torch.zeros((), dtype=torch.float32)
-        kd_sum = torch.zeros((), dtype=torch.float32)
-        ce_sum = torch.zeros((), dtype=torch.float32)
+        # the sums live where the chunks' losses do (a CPU tensor += a CUDA one fails)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             h = hidden[lo:hi]

@@ -283,8 +283,8 @@ def label(
                 sig = teacher.signals(Batch(x[b:e], None, ids[b:e]))
                 m = None if mask is None else mask[b:e]
                 parts.append(_encode(sig.logits, spec, vocab, captured, m, gen))
-                if tail_sum is not None:
-                    tail_sum += parts[-1].pop("tail_sum")
+                if tail_sum is not None:  # the sum stays on the CPU, the teacher anywhere
+                    tail_sum += parts[-1].pop("tail_sum").cpu()
                 done += e - b
                 bar.update(done)
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -504,7 +504,7 @@ def _encode(
             e.scatter_(-1, idx, 0.0)
             w = s.reciprocal()  # (B, [T,] 1): e·w are the probabilities
             if mask is not None:
-                w = w * mask.unsqueeze(-1).to(w.dtype)
+                w = w * mask.unsqueeze(-1).to(w.device, w.dtype)
             # Σ over positions as one (1, N) @ (N, V) product: far cheaper than a sum
             out["tail_sum"] = (w.reshape(1, -1) @ e.reshape(-1, vocab)).squeeze(0).double()
         del e
