@@ -5,7 +5,9 @@ cleaned up) the 7th time it passes :func:`point` ``("step")``; several may be gi
 comma-separated (the first that matches fires). Unset (always, outside tests), a point
 costs one dictionary lookup. Points: ``step`` (after each optimizer step, before any
 checkpoint of that step), ``checkpoint`` (right after a checkpoint is written), ``saved``
-(a finished model is on disk, its result record not yet).
+(a finished model is on disk, its result record not yet), ``shard`` (a store shard is
+on disk, the manifest not yet complete), ``answer`` (``dk generate`` wrote one prompt's
+row to ``results.jsonl``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..console import Progress
+from .. import faults
 from ..errors import DKError
 from ..jsonl import iter_lines, loads
 from .budget import Budget, BudgetExhausted
@@ -474,6 +475,7 @@ async def _loop(
                 "samples": samples,
             }
             writer.write(row)
+            faults.point("answer")
             new_rows.append(row)
             if advance is not None:
                 advance(row)

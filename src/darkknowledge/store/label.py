@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .. import dist
+from .. import dist, faults
 from ..console import Progress
 from ..errors import DKError
 from ..signals import Batch, Teacher
@@ -294,6 +294,7 @@ def label(
             if mask is not None:
                 tensors["mask"] = mask[lo:hi].to(torch.uint8)
             write_shard(shard_dir / shard_name(i), tensors)
+            faults.point("shard")
             if dist.is_main():
                 commit_replaced(out)  # a store it replaced (--force) can go now
     bar.close()
