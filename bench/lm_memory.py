@@ -15,6 +15,11 @@ Modes:
   kd_topk_unchunked  the same from the store, with full student logits
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/lm_memory.py            # all modes
+    OMP_NUM_THREADS=1 .venv/bin/python bench/lm_memory.py --modes plain_chunked,kd_chunked --rounds 3
+
+``--rounds R`` measures every mode R times, interleaved (the mode order reversed every
+other round), and reports the medians over rounds; the glibc malloc settings (the
+``MALLOC_*`` environment, default: none) are the same for every process and recorded.
     .venv/bin/python bench/lm_memory.py --cuda                          # GPU variant
 
 ``--cuda`` (not run here: no GPU on this machine): vocab 151,936, sequence 4096, bf16
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -56,8 +62,6 @@ def rss_peak_mb() -> float:
 
 def rss_now_mb() -> float:
     with open("/proc/self/statm") as f:
-        import os
-
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -149,7 +153,12 @@ def one_mode(args) -> dict:
     torch, teacher, student, ids = setup(args)
     torch.set_num_threads(args.threads)
     from darkknowledge.lm import models as M
-    from darkknowledge.lm.losses import TokenLoss, chunked_head_loss, unchunked_head_loss
+    from darkknowledge.lm.losses import (
+        HeadTeacher,
+        TokenLoss,
+        chunked_head_loss,
+        unchunked_head_loss,
+    )
 
     x, y = ids[:, :-1], ids[:, 1:]
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -177,10 +186,9 @@ def one_mode(args) -> dict:
                 with torch.no_grad():
                     th = M.final_hidden(teacher, x, None).reshape(-1, teacher.config.n_embd)
                 tw, tb = M.head(teacher)
-                if args.mode == "kd_chunked":
+                if args.mode == "kd_chunked":  # as lm.pipeline runs a live teacher
                     loss = chunked_head_loss(
-                        h, w, b, spec, chunk=args.chunk,
-                        teacher=lambda lo, hi: F.linear(th[lo:hi], tw, tb),
+                        h, w, b, spec, chunk=args.chunk, teacher=HeadTeacher([th], [(tw, tb)])
                     )  # fmt: skip
                 else:
                     with torch.no_grad():
@@ -233,6 +241,20 @@ def one_mode(args) -> dict:
     return out
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """One mode's row over its rounds: the median of each number, and every run."""
+    row = dict(runs[0])
+    for k in ("loss", "rss_before_step_mb", "peak_rss_mb", "first_step_s", "step_s_median",
+              "cuda_before_step_mb", "peak_cuda_mb"):  # fmt: skip
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        if vals:
+            row[k] = statistics.median(vals)
+    row["step_s"] = [t for r in runs for t in r["step_s"]]
+    if len(runs) > 1:
+        row["runs"] = runs
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=MODES)
@@ -246,6 +268,7 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timed-steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.vocab = args.vocab or (151_936 if args.cuda else 50_257)
@@ -267,14 +290,17 @@ def main() -> int:
         and not (Path(args.store) / "manifest.json").exists()
     ):
         subprocess.run([*base, "--prep-store"], check=True)
-    rows = {}
-    for m in modes:
-        r = subprocess.run([*base, "--mode", m], check=True, capture_output=True, text=True)
-        rows[m] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(json.dumps(rows[m]), flush=True)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(args.rounds):  # interleaved: every mode once per round
+        for m in modes if r % 2 == 0 else modes[::-1]:
+            p = subprocess.run([*base, "--mode", m], check=True, capture_output=True, text=True)
+            runs[m].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[m][-1]), flush=True)
+    rows = {m: _median_row(rs) for m, rs in runs.items()}
     key = "peak_cuda_mb" if args.cuda else "peak_rss_mb"
     ref = rows.get("plain_hf")
     summary = {
+        "command": " ".join(["bench/lm_memory.py", *sys.argv[1:]]),
         "setup": {
             "vocab": args.vocab,
             "seq": args.seq,
@@ -285,6 +311,8 @@ def main() -> int:
             "dtype": "bf16" if args.cuda else "fp32",
             "device": "cuda" if args.cuda else "cpu",
             "threads": args.threads,
+            "rounds": args.rounds,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         },
         "rows": rows,
     }
@@ -294,12 +322,31 @@ def main() -> int:
             summary["time_ratio_vs_plain_hf"] = {
                 m: r["step_s_median"] / ref["step_s_median"] for m, r in rows.items()
             }
+    for ref_mode in ("plain_chunked",):
+        base_row = rows.get(ref_mode)
+        if base_row:
+            summary[f"memory_ratio_vs_{ref_mode}"] = {
+                m: r[key] / base_row[key] for m, r in rows.items()
+            }
+            if base_row.get("step_s_median"):
+                summary[f"time_ratio_vs_{ref_mode}"] = {
+                    m: r["step_s_median"] / base_row["step_s_median"] for m, r in rows.items()
+                }
     out = args.json or str(
         ROOT / "docs/results" / ("llm_memory_cuda.json" if args.cuda else "llm_memory.json")
     )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(summary, indent=2))
     for m, r in rows.items():
+        if "plain_chunked" in rows:
+            print(
+                f"{m:>18}: ÷ plain_chunked: peak ×{summary['memory_ratio_vs_plain_chunked'][m]:.3f}"
+                + (
+                    f"  step ×{summary['time_ratio_vs_plain_chunked'][m]:.3f}"
+                    if "time_ratio_vs_plain_chunked" in summary
+                    else ""
+                )
+            )
         print(
             f"{m:>18}: peak {r[key]:8.0f} MB"
             + (f"  ×{summary['memory_ratio_vs_plain_hf'][m]:.2f}" if ref else "")

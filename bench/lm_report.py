@@ -59,15 +59,24 @@ def memory_table(name: str = "llm_memory.json") -> str:
         "kd_topk_store": "forward KL from stored top-64, chunked",
         "kd_topk_unchunked": "forward KL from stored top-64, unchunked",
     }
-    rows = [
-        "| step | peak RSS MB | ÷ plain | step s (median) | ÷ plain |",
-        "|---|---|---|---|---|",
-    ]
+    # runs since the interleaved rounds also give ratios to the chunked plain step
+    mc = s.get("memory_ratio_vs_plain_chunked")
+    tc = s.get("time_ratio_vs_plain_chunked", {})
+    nan = float("nan")
+    head = "| step | peak RSS MB | ÷ plain | step s (median) | ÷ plain |"
+    rule = "|---|---|---|---|---|"
+    if mc is not None:
+        head += " peak ÷ chunked plain | step ÷ chunked plain |"
+        rule += "---|---|"
+    rows = [head, rule]
     for m, r in s["rows"].items():
-        rows.append(
-            f"| {label.get(m, m)} | {r[key]:.0f} | {mr.get(m, float('nan')):.2f} | "
-            f"{r['step_s_median']:.1f} | {tr.get(m, float('nan')):.2f} |"
+        row = (
+            f"| {label.get(m, m)} | {r[key]:.0f} | {mr.get(m, nan):.2f} | "
+            f"{r['step_s_median']:.1f} | {tr.get(m, nan):.2f} |"
         )
+        if mc is not None:
+            row += f" {mc.get(m, nan):.3f} | {tc.get(m, nan):.2f} |"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -96,4 +105,5 @@ def trl_table() -> str:
 if __name__ == "__main__":
     print("## Seeds\n\n" + seeds_table())
     print("\n## Memory and speed\n\n" + memory_table())
+    print("\n## Memory and speed (run 3)\n\n" + memory_table("llm_memory_run3.json"))
     print("\n## TRL\n\n" + trl_table())

@@ -1,11 +1,22 @@
-"""Chunked token-level losses: equal to the unchunked computation, masks, bf16, scaling."""
+"""Chunked token-level losses: equal to the unchunked computation, masks, bf16, scaling,
+and the [chunk, V] buffers a live-teacher chunk holds."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from darkknowledge.lm.losses import KINDS, TokenLoss, chunked_head_loss, unchunked_head_loss
+from darkknowledge.lm.losses import (
+    KINDS,
+    HeadTeacher,
+    TokenLoss,
+    chunked_head_loss,
+    unchunked_head_loss,
+)
 
 N, H, HT, V = 37, 16, 24, 50
 
@@ -221,3 +232,74 @@ def test_closed_form_exact_when_the_student_tail_is_tiny(monkeypatch):
     # logits of a few hundred: fp32 rounding of both paths, relative to the largest entry
     g, ref = out[True][1], out[False][1]
     assert float((g - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def _head_teacher(th, tw):
+    return HeadTeacher([th], [(tw, None)])
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_live_teacher_equals_stored_logits(ce_weight, temperature):
+    """A HeadTeacher (its chunk logits overwritten by the loss) gives the loss and
+    gradients of the same logits read from a tensor, and of the unchunked reference."""
+    h, w, b, th, tw, labels = _setup(seed=6)
+    labels[::4] = -100
+    spec = TokenLoss("forward_kl", temperature=temperature, ce_weight=ce_weight)
+    tlog = th @ tw.t()
+    ref = unchunked_head_loss(h, w, b, spec, labels=labels, teacher_logits=tlog)
+    gref = torch.autograd.grad(ref, (h, w, b))
+    for teacher in (_head_teacher(th, tw), lambda lo, hi: tlog[lo:hi]):
+        out = chunked_head_loss(h, w, b, spec, labels=labels, teacher=teacher, chunk=8)
+        assert float(out.detach()) == pytest.approx(float(ref.detach()), abs=1e-6, rel=1e-6)
+        for a, r in zip(torch.autograd.grad(out, (h, w, b)), gref, strict=True):
+            assert torch.allclose(a, r, atol=1e-6, rtol=1e-5)
+    assert torch.equal(tlog, th @ tw.t())  # stored logits are read, never overwritten
+
+
+class _VocabBuffers(TorchDispatchMode):
+    """Counts the tensors of at least ``numel`` elements that ops allocate (not views,
+    not in-place results) while they are alive; ``peak``: the most at once."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.live, self.peak = numel, 0, 0
+
+    def _free(self):
+        self.live -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {
+            x.untyped_storage().data_ptr()
+            for x in tree_leaves((args, kwargs))
+            if isinstance(x, torch.Tensor)
+        }
+        for x in tree_leaves(out):
+            if (
+                isinstance(x, torch.Tensor)
+                and x.numel() >= self.numel
+                and x.untyped_storage().data_ptr() not in seen
+            ):
+                self.live += 1
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(x, self._free)
+        return out
+
+
+def test_live_teacher_step_holds_no_more_vocab_buffers_than_cross_entropy():
+    """The memory of a live-teacher KD chunk: no more [chunk, V] buffers alive at once
+    than a plain cross-entropy chunk (the teacher's logits are the loss's scratch)."""
+    h, w, b, th, tw, labels = _setup(seed=7)
+    chunk = 8
+
+    def peak(spec, **kw):
+        counter = _VocabBuffers(chunk * V)
+        with counter:
+            chunked_head_loss(h, w, b, spec, labels=labels, chunk=chunk, **kw)
+        return counter.peak
+
+    ce = peak(TokenLoss("forward_kl", kd_weight=0.0, ce_weight=1.0))
+    kd = peak(TokenLoss("forward_kl"), teacher=_head_teacher(th, tw))
+    kd_ce = peak(TokenLoss("forward_kl", ce_weight=0.5), teacher=_head_teacher(th, tw))
+    assert 0 < ce and kd <= ce and kd_ce <= ce

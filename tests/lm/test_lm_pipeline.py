@@ -314,3 +314,42 @@ def test_text_is_tokenised_in_pieces_with_the_same_ids(text):
     for tok in toks:
         whole = tok(t, add_special_tokens=False)["input_ids"]
         assert tokenize_text(tok, t, piece=4096).tolist() == whole
+
+
+def test_live_teacher_gives_the_loss_hidden_states_not_logits(text, tmp_path, monkeypatch):
+    """A token-KD step runs the teacher's body only (no LM head over the sequence, no
+    graph): the loss gets its final hidden states and projects them a chunk at a time."""
+    from transformers import GPT2LMHeadModel
+
+    from darkknowledge.lm.losses import HeadTeacher
+
+    seen, inside, full = [], [False], []
+    real_loss, real_micro = P.chunked_head_loss, P.LMTask._micro_loss
+    real_forward = GPT2LMHeadModel.forward
+
+    def loss_spy(rows, *a, teacher=None, **kw):
+        if teacher is not None:
+            seen.append((teacher, rows.shape[0]))
+        return real_loss(rows, *a, teacher=teacher, **kw)
+
+    def micro_spy(self, *a, **kw):
+        inside[0] = True
+        try:
+            return real_micro(self, *a, **kw)
+        finally:
+            inside[0] = False
+
+    def forward_spy(self, *a, **kw):
+        full.append(inside[0])
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(P, "chunked_head_loss", loss_spy)
+    monkeypatch.setattr(P.LMTask, "_micro_loss", micro_spy)
+    monkeypatch.setattr(GPT2LMHeadModel, "forward", forward_spy)
+    d = recipe(text, distill={"mode": "token", "loss": {"kind": "forward_kl"}, "chunk": 8})
+    run(d, tmp_path / "r")
+    assert seen and not any(full)  # no model's LM head ran on a whole batch in a step
+    for teacher, n in seen:
+        assert isinstance(teacher, HeadTeacher)
+        (h,) = teacher.hidden
+        assert h.shape == (n, TINY_T["config"]["n_embd"]) and h.grad_fn is None

@@ -18,7 +18,6 @@ Plus ``ce_weight`` · CE(labels) (at temperature 1): ∂/∂z = softmax(z) − o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..losses.divergences import _up
@@ -50,11 +49,107 @@ def _add(grad: Tensor | None, g: Tensor, scale: float) -> Tensor:
 _EXACT_TAIL = 1e-3
 
 
-def chunk_loss_and_grad(
-    logits: Tensor, labels: Tensor | None, target, spec
+def _log_softmax_(z: Tensor) -> Tensor:
+    """``z (n, V)`` turned into its log-softmax in place (one transient [n, V] buffer,
+    for the exponentials; ``F.log_softmax`` would allocate its result besides)."""
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z.sub_(m)
+    z.sub_(z.exp().sum(-1, keepdim=True).log())
+    return z
+
+
+def _dense_forward_kl(
+    z: Tensor, labels: Tensor | None, t: Tensor, spec, t_scratch: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(total, kd sum, ce sum, ∂total/∂logits) for one chunk ``logits (n, V)``."""
+    """Forward KL against dense teacher logits ``t (n, V)`` (plus ``ce_weight`` · CE),
+    with three [n, V] fp32 buffers alive at once, as many as a cross-entropy chunk: the
+    student's logits ``z`` (overwritten: log-probs, then probabilities, then the
+    gradient), the teacher's log-probs (written into ``t`` when ``t_scratch``: a live
+    teacher's logits, computed for this chunk) and the teacher's probabilities. Stored
+    teacher logits (not ``t_scratch``) are copied first: one buffer more, as is CE at a
+    temperature ≠ 1 (its gradient is computed before the logits are scaled)."""
+    tau = spec.temperature
+    a = spec.kd_weight / tau
+    ce_w = spec.ce_weight if labels is not None else 0.0
+    grad_ce = None
+    if ce_w and tau != 1.0:  # CE at temperature 1 needs the logits before they are scaled
+        grad_ce, ce = _ce_grad(z, labels, ce_w)
+    if tau != 1.0:
+        z.div_(tau)
+    ls = _log_softmax_(z)  # the student's log-probs, in z
+    if ce_w and tau == 1.0:
+        valid = labels != -100
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        ce = -(ls.gather(-1, safe[:, None]).squeeze(-1) * valid).sum()
+    lt = t if t_scratch else t.clone()
+    if tau != 1.0:
+        lt.div_(tau)
+    m = lt.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lt.sub_(m)
+    pt = lt.exp()
+    s = pt.sum(-1, keepdim=True)
+    pt.div_(s)
+    lt.sub_(s.log())  # the teacher's log-probs
+    # Σ p_t (log p_t − log p_s) per row, in lt's buffer; 0 where p_t = 0 (as 0·log 0)
+    per = lt.sub_(ls).mul_(pt).sum(-1)
+    bad = per.isnan().nonzero().squeeze(1)
+    if len(bad):
+        rows = lt[bad]
+        per[bad] = rows.masked_fill_(pt[bad] == 0, 0.0).sum(-1)
+    del lt
+    kd = per.clamp_min(0.0).sum()
+    ps = ls.exp_()  # the student's probabilities, in z
+    if ce_w and tau == 1.0:  # a·(p_s − p_t) + ce_w·(p_s − onehot(y)) on valid rows
+        ps.mul_((a + ce_w * valid.to(ps.dtype))[:, None]).sub_(pt, alpha=a)
+        rows = torch.arange(len(ps), device=ps.device)[valid]
+        ps[rows, safe[valid]] -= ce_w
+        g = ps
+    else:
+        g = ps.sub_(pt)
+        if a != 1.0:
+            g.mul_(a)
+        if grad_ce is not None:
+            g.add_(grad_ce)
+    del pt
+    ce = ce if ce_w else z.new_zeros(())
+    return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, g
+
+
+def _ce_grad(z: Tensor, labels: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """(``weight`` · ∂CE/∂z (n, V), CE sum) at temperature 1, ignoring label −100;
+    ``z`` is kept."""
+    valid = labels != -100
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    _, lse1, p1 = _softmax_parts(z, 1.0)
+    ce = ((lse1.squeeze(-1) - z.gather(-1, safe[:, None]).squeeze(-1)) * valid).sum()
+    p1[torch.arange(len(z)), safe] -= 1.0
+    if not bool(valid.all()):
+        p1.mul_(valid[:, None])
+    return _add(None, p1, weight), ce
+
+
+def chunk_loss_and_grad(
+    logits: Tensor,
+    labels: Tensor | None,
+    target,
+    spec,
+    *,
+    scratch: bool = False,
+    target_scratch: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(total, kd sum, ce sum, ∂total/∂logits) for one chunk ``logits (n, V)``.
+
+    ``scratch``: ``logits`` are the caller's own and may be overwritten (the gradient is
+    returned in their buffer when they are fp32); ``target_scratch``: so are dense
+    teacher logits (a live teacher's, computed for this chunk)."""
     z = _up(logits)
+    if target is not None and spec.kd_weight and isinstance(target, Tensor):
+        if not scratch and z is logits:
+            z = z.clone()
+        t = _up(target)
+        return _dense_forward_kl(z, labels, t, spec, target_scratch or t is not target)
     tau = spec.temperature
     zero = z.new_zeros(())
     kd = ce = zero
@@ -93,25 +188,12 @@ def chunk_loss_and_grad(
             if len(low):
                 g[low] = g_low
             g.scatter_(-1, ids, p_k - pt_k)
-        else:
-            lt = F.log_softmax(_up(target) / tau, dim=-1)
-            pt = lt.exp()
-            ls = zt - lse
-            per = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(lt)).sum(-1)
-            del ls, lt
-            g = ps.sub_(pt)
         kd = per.clamp_min(0.0).sum()
         grad = _add(grad, g, spec.kd_weight / tau)
         del ps, g
     if labels is not None and spec.ce_weight:
-        valid = labels != -100
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        _, lse1, p1 = _softmax_parts(z, 1.0)
-        ce = ((lse1.squeeze(-1) - z.gather(-1, safe[:, None]).squeeze(-1)) * valid).sum()
-        p1[torch.arange(len(z)), safe] -= 1.0
-        if not bool(valid.all()):
-            p1.mul_(valid[:, None])
-        grad = _add(grad, p1, spec.ce_weight)
+        g, ce = _ce_grad(z, labels, spec.ce_weight)
+        grad = g if grad is None else grad.add_(g)
     if grad is None:
         grad = torch.zeros_like(z)
     return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, grad

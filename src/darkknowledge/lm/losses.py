@@ -120,6 +120,35 @@ def sampled_divergence(s_logits: Tensor, ids: Tensor, weights: Tensor, spec: Tok
 TeacherChunk = Callable[[int, int], "Tensor | tuple[Tensor, Tensor, Tensor] | SampledTarget"]
 
 
+class HeadTeacher:
+    """A live teacher as a :data:`TeacherChunk`: its final hidden states at the valid
+    positions ``(N, H_t)`` (one per model of an ensemble) and LM heads; a chunk's
+    logits are projected when the loss asks for them, so the teacher's logits never
+    exist for more than ``chunk`` rows. Each call returns a new tensor that the loss may
+    overwrite (``scratch``), which saves it one [chunk, V] buffer.
+
+    ``combine``: how an ensemble's per-model logits become one (``LMEnsemble.combine``)."""
+
+    scratch = True
+
+    def __init__(
+        self,
+        hidden: list[Tensor],
+        heads: list[tuple[Tensor, Tensor | None]],
+        combine: Callable[[list[Tensor]], Tensor] | None = None,
+    ):
+        if len(hidden) != len(heads) or not hidden or (combine is None and len(hidden) > 1):
+            raise ValueError("HeadTeacher: one head per hidden-state tensor (several: combine)")
+        self.hidden, self.heads, self.combine = hidden, heads, combine
+
+    def __call__(self, lo: int, hi: int) -> Tensor:
+        with torch.no_grad():
+            z = [
+                F.linear(h[lo:hi], w, b) for h, (w, b) in zip(self.hidden, self.heads, strict=True)
+            ]
+            return z[0] if self.combine is None else self.combine(z)
+
+
 def _chunk_terms(
     logits: Tensor, labels: Tensor | None, target, spec: TokenLoss
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -155,14 +184,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        t_scratch = bool(getattr(teacher, "scratch", False))
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             h = hidden[lo:hi]
             target = teacher(lo, hi) if teacher is not None else None
             lab = labels[lo:hi] if labels is not None else None
             if CLOSED_FORM and fast.applies(spec, target):
-                logits = F.linear(h, weight, bias)  # (c, V)
-                loss_c, kd_c, ce_c, g = fast.chunk_loss_and_grad(logits, lab, target, spec)
+                logits = F.linear(h, weight, bias)  # (c, V), overwritten by its gradient
+                loss_c, kd_c, ce_c, g = fast.chunk_loss_and_grad(
+                    logits, lab, target, spec, scratch=True, target_scratch=t_scratch
+                )
             else:
                 with torch.enable_grad():
                     logits = F.linear(h, weight, bias).detach().requires_grad_(True)
@@ -222,7 +254,8 @@ def chunked_head_loss(
     the LM head ``weight (V, H)`` / ``bias (V,)``, ``chunk`` rows at a time.
 
     ``labels (N,)``: next-token ids for the CE term; ``teacher(lo, hi)``: the teacher's
-    logits ``(hi−lo, V)`` or top-k tuple for rows [lo, hi). ``normalizer`` (default N):
+    logits ``(hi−lo, V)`` or top-k tuple for rows [lo, hi) (a :class:`HeadTeacher` for a
+    live teacher: the loss then reuses its logits' buffer). ``normalizer`` (default N):
     what the sum over tokens is divided by. ``parts`` receives the kd / ce components.
     """
     if chunk <= 0:

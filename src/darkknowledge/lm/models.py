@@ -31,8 +31,16 @@ def body(model: nn.Module) -> nn.Module:
 
 
 def final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Final (post-norm) hidden states ``(B, T, H)``: the body without the LM head."""
-    out = body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    """Final (post-norm) hidden states ``(B, T, H)``: the body without the LM head, with
+    no KV cache and no per-layer hidden states or attention maps kept (whatever the
+    model's config says)."""
+    out = body(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        output_hidden_states=False,
+        output_attentions=False,
+    )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

@@ -61,7 +61,7 @@ from .data import (
     read_keys,
     read_text,
 )
-from .losses import TokenLoss, chunked_head_loss
+from .losses import HeadTeacher, TokenLoss, chunked_head_loss
 from .preflight import preflight
 from .recipe import ChatData, DistillSpec, LMRecipe, TextData, TinyModel
 
@@ -571,13 +571,8 @@ class LMTask:
                         f"{rows.shape[0]} labelled positions; they must render the same "
                         "response tokens"
                     )
-
-                def target(lo, hi, ths=ths, heads=heads, ens=ens):
-                    with torch.no_grad():
-                        z = [
-                            F.linear(th[lo:hi], w, b) for th, (w, b) in zip(ths, heads, strict=True)
-                        ]
-                        return z[0] if ens is None else ens.combine(z)
+                # the teacher's logits: a chunk at a time, inside the loss
+                target = HeadTeacher(ths, heads, ens.combine if ens is not None else None)
 
             loss = chunked_head_loss(
                 rows,
