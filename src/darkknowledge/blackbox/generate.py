@@ -24,8 +24,8 @@ import os
 import time
 from pathlib import Path
 
-from ..console import Progress
 from .. import faults
+from ..console import Progress
 from ..errors import DKError
 from ..jsonl import iter_lines, loads
 from .budget import Budget, BudgetExhausted
