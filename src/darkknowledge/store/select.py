@@ -106,20 +106,22 @@ class _Pass:
                 torch.amax(z.view(rows, GROUPS, LANES), 1, out=bk)
                 torch.sum(torch.exp(z, out=scratch), -1, out=self.s[:, c])
             else:
-                self._exp_blocks(z, bk, c)
+                self._exp_blocks(z, bk)
         if topk:  # chunks with entries > HIGH: their exp again, shifted by their maxima
             high = self.blocks.view(rows, n, LANES).amax(-1)  # (R, n)
             for c in (high > HIGH).any(0).nonzero().flatten().tolist():
                 self.sh[:, c] = high[:, c].clamp_min(0.0)
                 self.shifted.add(c)
                 torch.sum(self.exp(c, scratch), -1, out=self.s[:, c])
-        else:  # overflows, seen afterwards: those chunks again, shifted
+        else:  # the chunks' sums from their blocks'; overflows: those chunks again, shifted
+            torch.sum(self.blocks.view(rows, n, LANES), -1, out=self.s)
             for c in (~self.s.isfinite()).any(0).nonzero().flatten().tolist():
                 z = self._fill(c)
                 self.sh[:, c : c + 1] = z.amax(-1, keepdim=True).clamp_min(0.0)
                 self.shifted.add(c)
                 bk = self.blocks[:, c * LANES : (c + 1) * LANES]
-                self._exp_blocks(z.sub_(self.sh[:, c : c + 1]), bk, c)
+                self._exp_blocks(z.sub_(self.sh[:, c : c + 1]), bk)
+                torch.sum(bk, -1, out=self.s[:, c])
         # log Σ_v exp(z_v − m0) per row (float64), from the chunks' sums
         self.log_norm = (self.s.double().log() + self.sh.double()).logsumexp(-1, keepdim=True)
 
@@ -145,10 +147,8 @@ class _Pass:
             return torch.sub(self.z[c], self.sh[:, c : c + 1], out=out).exp_()
         return torch.exp(self.z[c], out=out)
 
-    def _exp_blocks(self, z: Tensor, bk: Tensor, c: int) -> None:
-        z.exp_()
-        torch.sum(z.view(self.rows, GROUPS, LANES), 1, out=bk)
-        torch.sum(bk, -1, out=self.s[:, c])
+    def _exp_blocks(self, z: Tensor, bk: Tensor) -> None:
+        torch.sum(z.exp_().view(self.rows, GROUPS, LANES), 1, out=bk)
 
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` largest entries of ``Z`` per row (values, ids), sorted by decreasing
