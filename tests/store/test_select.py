@@ -138,3 +138,34 @@ def test_chunks_of_the_product_are_the_whole_product():
         b = min(a + S.CHUNK, V)
         fill(a, b, out[:, : b - a], None)
         assert torch.equal(out[:, : b - a], whole[:, a:b])
+
+
+def _reference(z: torch.Tensor, k: int, w: torch.Tensor):
+    lp = F.log_softmax(z.double(), -1)
+    vals, ids = lp.topk(k, -1)
+    tail_sum = (lp.exp().scatter(-1, ids, 0.0) * w.unsqueeze(-1)).sum(0)
+    return vals, ids, 1 - vals.exp().sum(-1), tail_sum
+
+
+@pytest.mark.parametrize("case", ["overflow in a later chunk", "top-k far below the maximum"])
+def test_the_rare_paths_give_the_plain_computation(case):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, V, generator=g)
+    if case == "overflow in a later chunk":  # chunk 0 near 0: no shift; exp(z) overflows later
+        z[:, 700:760] += 120.0
+    else:  # a few entries at 0, the rest ≥ 150 below: exp of the top-k underflows
+        z = z - 150.0 - 10 * torch.rand(6, V, generator=g)
+        z[:, 5:9] = torch.randn(6, 4, generator=g)
+    w = torch.rand(6, generator=g)
+    got = S.topk_signals(S.logits_filler(z), 6, V, 20, 1.0, w, S.ChunkedLogits())
+    vals, ids, tail, tail_sum = _reference(z, 20, w)
+    assert torch.equal(got["ids"], ids)
+    tol = 1e-5 + 2**-21 * float(z.abs().max())
+    assert torch.allclose(got["logprobs"].double(), vals, atol=tol, rtol=0)
+    assert torch.allclose(got["tail"].double(), tail, atol=tol, rtol=0)
+    assert torch.allclose(got["tail_sum"], tail_sum, rtol=1e-4, atol=1e-30)
+    # draws land where the mass is, and spread over it
+    drawn, counts = sample_counts(z, 255, 1.0, torch.Generator().manual_seed(4))
+    lo, hi = (700, 760) if case == "overflow in a later chunk" else (5, 9)
+    assert bool(((drawn >= lo) & (drawn < hi) | (counts == 0)).all())
+    assert int((counts > 0).sum(-1).min()) >= (hi - lo) // 3

@@ -76,19 +76,25 @@ Fill = Callable[[int, int, Tensor, Tensor | None], None]
 HIGH, LOW = 60.0, -50.0
 
 
-class _Pass:
-    """One pass over the vocabulary chunks of ``R`` rows, which leaves in the buffer
-    ``Z (n, R, CHUNK)`` the logits ÷ temperature, minus a per-row shift ``m0`` (0 when
-    the maxima of chunk 0 are within [LOW, HIGH], else those maxima, which later chunks
-    take inside the product that makes them), padded with −inf past ``V``, and per chunk
-    ``c``: a further per-row shift ``sh`` (0 unless ``Z_c`` would overflow ``exp``), the
-    row sums ``s`` of ``exp(Z_c − sh_c)`` and per block (see :data:`LANES`) its maximum
-    (top-k) or its sum of ``exp(Z − sh)`` (draws, which need no ``Z`` afterwards and leave
-    ``exp(Z_c − sh_c)`` in its place)."""
+TINY = 2.0**-125  # exp values at least this large are normal floats: their log is exact
 
-    def __init__(self, fill: Fill, rows: int, vocab: int, temperature: float, topk: bool,
+
+class _Pass:
+    """One pass over the vocabulary chunks of ``R`` rows. ``Z (n, R, CHUNK)`` are the
+    logits ÷ temperature, minus a per-row shift ``m0`` (0 when the maxima of chunk 0 are
+    within [LOW, HIGH], else those maxima, which later chunks take inside the product
+    that makes them), padded with −inf past ``V``; per chunk ``c`` a further per-row
+    shift ``sh`` (0 unless ``Z_c`` would overflow ``exp``) and the row sums ``s`` of
+    ``E_c = exp(Z_c − sh_c)``. ``mode``: ``"sum"`` (draws) and ``"max"`` (top-k) leave
+    ``E`` in the buffer in place of ``Z`` with, per block (see :data:`LANES`), the sum
+    or the maximum of ``E``; ``"keep"`` (top-k when ``E`` is too small to give back the
+    logits by its log) keeps ``Z`` with the blocks' maxima of ``Z``."""
+
+    def __init__(self, fill: Fill, rows: int, vocab: int, temperature: float, mode: str,
                  store: ChunkedLogits):  # fmt: skip
         self.rows, self.vocab, self.temperature, self.fill = rows, vocab, temperature, fill
+        self.mode = mode
+        topk = mode == "keep"
         self.n = n = -(-vocab // CHUNK)
         self.z = store.buffer("z", n * rows * CHUNK).view(n, rows, CHUNK)
         self.z[-1, :, vocab - (n - 1) * CHUNK :] = -torch.inf
@@ -106,22 +112,22 @@ class _Pass:
                 torch.amax(z.view(rows, GROUPS, LANES), 1, out=bk)
                 torch.sum(torch.exp(z, out=scratch), -1, out=self.s[:, c])
             else:
-                self._exp_blocks(z, bk)
+                self._exp_blocks(z, bk, c)
         if topk:  # chunks with entries > HIGH: their exp again, shifted by their maxima
             high = self.blocks.view(rows, n, LANES).amax(-1)  # (R, n)
             for c in (high > HIGH).any(0).nonzero().flatten().tolist():
                 self.sh[:, c] = high[:, c].clamp_min(0.0)
                 self.shifted.add(c)
                 torch.sum(self.exp(c, scratch), -1, out=self.s[:, c])
-        else:  # the chunks' sums from their blocks'; overflows: those chunks again, shifted
-            torch.sum(self.blocks.view(rows, n, LANES), -1, out=self.s)
+        else:  # overflows, seen afterwards: those chunks again, shifted
+            if mode == "sum":  # the chunks' sums from their blocks'
+                torch.sum(self.blocks.view(rows, n, LANES), -1, out=self.s)
             for c in (~self.s.isfinite()).any(0).nonzero().flatten().tolist():
                 z = self._fill(c)
                 self.sh[:, c : c + 1] = z.amax(-1, keepdim=True).clamp_min(0.0)
                 self.shifted.add(c)
-                bk = self.blocks[:, c * LANES : (c + 1) * LANES]
-                self._exp_blocks(z.sub_(self.sh[:, c : c + 1]), bk)
-                torch.sum(bk, -1, out=self.s[:, c])
+                z.sub_(self.sh[:, c : c + 1])
+                self._exp_blocks(z, self.blocks[:, c * LANES : (c + 1) * LANES], c)
         # log Σ_v exp(z_v − m0) per row (float64), from the chunks' sums
         self.log_norm = (self.s.double().log() + self.sh.double()).logsumexp(-1, keepdim=True)
 
@@ -147,8 +153,38 @@ class _Pass:
             return torch.sub(self.z[c], self.sh[:, c : c + 1], out=out).exp_()
         return torch.exp(self.z[c], out=out)
 
-    def _exp_blocks(self, z: Tensor, bk: Tensor) -> None:
-        torch.sum(z.exp_().view(self.rows, GROUPS, LANES), 1, out=bk)
+    def _exp_blocks(self, z: Tensor, bk: Tensor, c: int) -> None:
+        """``E_c`` in place of ``Z_c``, its blocks' sums or maxima (and then its row sums)."""
+        e = z.exp_().view(self.rows, GROUPS, LANES)
+        if self.mode == "sum":
+            torch.sum(e, 1, out=bk)
+        else:
+            torch.amax(e, 1, out=bk)
+            torch.sum(z, -1, out=self.s[:, c])
+
+    def topk_from_exp(self, k: int) -> tuple[Tensor, Tensor] | None:
+        """As :meth:`topk` from ``E`` (mode ``"max"``): the values are ``log E + sh``,
+        the logits but for ~1e-7 of rounding. None when a selected ``E`` is below
+        :data:`TINY` (its log would not give the logit back)."""
+        key = self.blocks.log()  # (R, nb): exp is monotone, so the same blocks lead
+        if self.shifted:
+            key += self.sh.repeat_interleave(LANES, -1)
+        blk = key.topk(min(k, key.shape[-1]), -1, sorted=False).indices  # (R, kb)
+        cand = self._gather(self.z, blk).flatten(1)  # (R, kb · GROUPS) of E
+        cz = cand.log()
+        if self.shifted:
+            cz += self.sh.gather(-1, blk // LANES).repeat_interleave(GROUPS, -1)
+        vals, j = cz.topk(k, -1, sorted=False)  # (R, k)
+        if bool((cand.gather(-1, j) < TINY).any()):
+            return None
+        return self._sorted(vals, self._ids(blk.gather(-1, j // GROUPS), j % GROUPS))
+
+    @staticmethod
+    def _sorted(vals: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """By decreasing value, equal values by increasing id."""
+        ids, order = ids.sort(-1)
+        vals, order = vals.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+        return vals, ids.gather(-1, order)
 
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` largest entries of ``Z`` per row (values, ids), sorted by decreasing
@@ -157,10 +193,7 @@ class _Pass:
         blk = self.blocks.topk(min(k, self.blocks.shape[-1]), -1, sorted=False).indices
         cand = self._gather(self.z, blk)  # (R, kb, GROUPS)
         vals, j = cand.flatten(1).topk(k, -1, sorted=False)  # (R, k)
-        ids = self._ids(blk.gather(-1, j // GROUPS), j % GROUPS)
-        ids, order = ids.sort(-1)
-        vals, order = vals.gather(-1, order).sort(dim=-1, descending=True, stable=True)
-        return vals, ids.gather(-1, order)
+        return self._sorted(vals, self._ids(blk.gather(-1, j // GROUPS), j % GROUPS))
 
     def _gather(self, buf: Tensor, blk: Tensor) -> Tensor:
         """The entries of blocks ``blk (R, b)`` (row r's own blocks): ``(R, b, GROUPS)``."""
@@ -195,19 +228,26 @@ def topk_signals(
     probability, ``tail (R,)`` = 1 − Σ top-k probabilities and, when ``tail_weights (R,)``
     is given, ``tail_sum (V,)`` float64 = Σ_r w_r · p_r over the entries outside each
     row's top-k (the tail prior's numerator)."""
-    p = _Pass(fill, rows, vocab, temperature, True, store)
-    vals, ids = p.topk(k)
+    p = _Pass(fill, rows, vocab, temperature, "max", store)
+    got = p.topk_from_exp(k)
+    if got is None:  # entries of the top-k too small for exp: again, keeping the logits
+        p = _Pass(fill, rows, vocab, temperature, "keep", store)
+    vals, ids = got or p.topk(k)
     logprobs = vals - p.log_norm.float()
     out = {"ids": ids, "logprobs": logprobs}
     out["tail"] = (1.0 - logprobs.double().exp().sum(-1)).clamp_min(0.0).float()
     if tail_weights is not None:
-        p.z.view(-1)[p.flat_index(ids)] = -torch.inf  # the top-k are not the tail
         # chunk c's row r enters with w_r · exp(sh_rc) / Σ_v exp(z_v − m0)
         a = tail_weights.double().unsqueeze(-1) * (p.sh.double() - p.log_norm).exp()
         a = a.float().T.contiguous()  # (n, R)
-        scratch, tail = torch.empty(rows, CHUNK), torch.empty(p.n, CHUNK)
-        for c in range(p.n):  # exp once more, chunk by chunk: cheaper than keeping it
-            torch.mm(a[c : c + 1], p.exp(c, scratch), out=tail[c : c + 1])
+        if p.mode == "keep":
+            p.z.view(-1)[p.flat_index(ids)] = -torch.inf  # the top-k are not the tail
+            scratch, tail = torch.empty(rows, CHUNK), torch.empty(p.n, CHUNK)
+            for c in range(p.n):  # exp once more, chunk by chunk
+                torch.mm(a[c : c + 1], p.exp(c, scratch), out=tail[c : c + 1])
+        else:
+            p.z.view(-1)[p.flat_index(ids)] = 0.0  # the top-k are not the tail
+            tail = torch.bmm(a.unsqueeze(1), p.z)  # (n, 1, CHUNK)
         out["tail_sum"] = tail.flatten()[:vocab].double()
     return out
 
@@ -227,7 +267,7 @@ def sample_signals(
     Two-level inverse transform: ``u ~ U[0, 1)`` picks the block whose cumulative mass
     (float64) first exceeds ``u · Σ``, then the entry of that block likewise. Entries of
     zero mass are never drawn."""
-    p = _Pass(fill, rows, vocab, temperature, False, store)
+    p = _Pass(fill, rows, vocab, temperature, "sum", store)
     # (R, nb): each block's mass, exp(sh) × its sum of exp(Z − sh)
     mass = p.blocks.double()
     scale = p.sh.double().exp().repeat_interleave(LANES, -1) if p.shifted else None
