@@ -12,21 +12,26 @@ teacher returned. While a chunk is in cache it gives
 - ``Σ exp(z)`` over the chunk, for the normaliser (``exp`` without a shift when the
   logits allow it, else shifted by the first chunk's row maxima, which the product of
   the later chunks starts from);
-- top-k: the maxima of the chunk's blocks (strided sets of ``CHUNK / LANES`` entries).
-  Every one of the k largest entries of a row lies in one of the k blocks of largest
-  maxima, so the final ``topk`` looks at ``k · CHUNK / LANES`` entries, not ``V``;
+- top-k: ``exp(z)`` in place and the maxima of the chunk's blocks (strided sets of
+  ``CHUNK / LANES`` entries). Every one of the k largest entries of a row lies in one of
+  the k blocks of largest maxima, so the final ``topk`` looks at ``k · CHUNK / LANES``
+  entries, not ``V``; their values are ``log exp(z)``. The tail prior's sum over
+  positions, which needs each row's normaliser (known after the last chunk), is then
+  one batched product over the buffer of ``exp(z)``;
 - draws: ``exp(z)`` in place and the blocks' masses. Inverse transform sampling in two
   levels (a block from the blocks' cumulative masses in float64, then an entry of it)
   draws from the same distribution as ``torch.multinomial`` on ``softmax(z / T)``.
 
-The tail prior's sum over positions needs each row's normaliser, known only after the
-last chunk: a second pass over the buffer recomputes ``exp`` chunk by chunk (cheaper
-than keeping a second ``R × V`` buffer) and adds the rows up as one product per chunk.
+Rare cases take slower exact paths: a chunk whose ``exp`` overflows is made again,
+shifted by its row maxima; a row whose top-k reaches entries whose ``exp`` is not a
+normal float (more than ~87 nats under the shift) has its batch labelled again keeping
+the logits.
 
-Results agree with the plain computation to float rounding: the same top-k ids (up to
-the order of exactly tied logits, which come by increasing id) and values;
-log-probabilities, tail masses and the tail prior differ by the rounding of differently
-ordered sums (and, for shifted logits, of one fp32 subtraction at the logits' magnitude).
+Results agree with the plain computation to float rounding: the same top-k ids (but for
+logits within ~1e-7 of each other, whose order may differ; exact ties come by
+increasing id); log-probabilities within ~1e-6 (``log exp`` and a differently ordered
+sum for the normaliser; for shifted logits, plus one fp32 subtraction at the logits'
+magnitude), and likewise the tail masses and the tail prior.
 """
 
 from __future__ import annotations
@@ -166,16 +171,20 @@ class _Pass:
         """As :meth:`topk` from ``E`` (mode ``"max"``): the values are ``log E + sh``,
         the logits but for ~1e-7 of rounding. None when a selected ``E`` is below
         :data:`TINY` (its log would not give the logit back)."""
-        key = self.blocks.log()  # (R, nb): exp is monotone, so the same blocks lead
-        if self.shifted:
-            key += self.sh.repeat_interleave(LANES, -1)
+        if self.shifted:  # blocks of shifted chunks rank by log E + sh
+            key = self.blocks.log() + self.sh.repeat_interleave(LANES, -1)
+        else:  # exp is monotone: the maxima of E rank the blocks as those of Z would
+            key = self.blocks
         blk = key.topk(min(k, key.shape[-1]), -1, sorted=False).indices  # (R, kb)
         cand = self._gather(self.z, blk).flatten(1)  # (R, kb · GROUPS) of E
-        cz = cand.log()
         if self.shifted:
-            cz += self.sh.gather(-1, blk // LANES).repeat_interleave(GROUPS, -1)
-        vals, j = cz.topk(k, -1, sorted=False)  # (R, k)
-        if bool((cand.gather(-1, j) < TINY).any()):
+            cz = cand.log() + self.sh.gather(-1, blk // LANES).repeat_interleave(GROUPS, -1)
+            vals, j = cz.topk(k, -1, sorted=False)  # (R, k)
+            small = cand.gather(-1, j)
+        else:
+            small, j = cand.topk(k, -1, sorted=False)
+            vals = small.log()
+        if bool((small < TINY).any()):
             return None
         return self._sorted(vals, self._ids(blk.gather(-1, j // GROUPS), j % GROUPS))
 
