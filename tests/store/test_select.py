@@ -169,3 +169,25 @@ def test_the_rare_paths_give_the_plain_computation(case):
     lo, hi = (700, 760) if case == "overflow in a later chunk" else (5, 9)
     assert bool(((drawn >= lo) & (drawn < hi) | (counts == 0)).all())
     assert int((counts > 0).sum(-1).min()) >= (hi - lo) // 3
+
+
+def test_row_groups_give_the_same_store(tmp_path, monkeypatch):
+    """A batch too large for one buffer is labelled in groups of rows: the same signals."""
+    lm, x, ids, mask = _setup()
+    specs = {
+        "topk": LabelSpec(signal="topk", k=20, dtype="fp32", shard_size=10, batch_size=10),
+        "sampled": LabelSpec(signal="sampled", k=50, shard_size=10, batch_size=10),
+    }
+    whole = {n: label(ModuleTeacher(lm), x, ids, tmp_path / n, s, mask=mask, progress=False)
+             for n, s in specs.items()}  # fmt: skip
+    monkeypatch.setattr(S, "MAX_BUFFER", 4 * 3 * S.CHUNK * 16)  # 16 rows of 70 a group
+    assert len(S.row_groups(70, V)) == 5
+    for n, s in specs.items():
+        split = label(ModuleTeacher(lm), x, ids, tmp_path / f"{n}-split", s, mask=mask,
+                      progress=False)  # fmt: skip
+        a, b = whole[n].get(ids), split.get(ids)
+        for f in ("topk_ids", "topk_logprobs", "tail_mass", "sampled_ids", "sampled_weights"):
+            if getattr(a, f) is not None:
+                assert torch.equal(getattr(a, f), getattr(b, f)), (n, f)
+        if n == "topk":  # the tail prior's sum adds the groups up in another order
+            assert torch.allclose(whole[n].tail_log_prior, split.tail_log_prior, atol=2e-3)
