@@ -9,12 +9,16 @@ store (atomic shards, fsync, manifest with SHA-256 of every shard) to local disk
 Teachers: the Fashion-MNIST ensemble of 3 small CNNs from bench/kd_overhead.py
 (dense store, the first 4,096 of its 54,000 transfer images, batch 512) and the small GPT of bench/lm_teacher.py
 (the default top-k store: k = 64, q8, tail prior; 128 windows × 64 tokens, batch 16).
+``lm8x512*``: an 8 × 512 GPT with the GPT-2 vocabulary (seeded random weights), 64 windows:
+its top-k store (``lm8x512``), head store (``_head``) and sampled store (``_sampled``: 16
+draws per position, distinct ids + counts).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ["fashion", "lm", "lm_head", "lm8x512", "lm8x512_head"]
+TASKS = ["fashion", "lm", "lm_head", "lm8x512", "lm8x512_head", "lm8x512_sampled"]
 CACHE = ROOT / "bench" / ".cache"
 
 
@@ -53,6 +57,7 @@ def _setup(task: str):
         )
     import lm
     from darkknowledge.store import LabelSpec
+    from darkknowledge.store.label import default_k
     from darkknowledge.teachers import ModuleTeacher
     from store_fidelity import load_teacher
 
@@ -60,14 +65,17 @@ def _setup(task: str):
     x = x[:128]
     mask = torch.ones_like(x, dtype=torch.bool)
     head = task.endswith("_head")
-    task = task.removesuffix("_head")
+    sampled = task.endswith("_sampled")
+    task = task.removesuffix("_head").removesuffix("_sampled")
     if task == "lm8x512":
         # a deeper teacher of the shape of bench/lm_memory.py's pinned setup (8 layers ×
         # 512, GPT-2 vocabulary), seeded random weights: what is timed does not depend on
         # them; its layers weigh as much as its output head, unlike the 2 × 96 teacher
         torch.manual_seed(0)
         x, mask = x[:64], mask[:64]
-        spec = LabelSpec(signal="head" if head else "topk", batch_size=16, shard_size=64)
+        signal = "head" if head else "sampled" if sampled else "topk"
+        # sampled: the default 16 draws per position at temperature 1
+        spec = LabelSpec(signal=signal, k=default_k(signal), batch_size=16, shard_size=64)
         teacher = lm.GPT(d=512, layers=8, heads=8, ctx=64).eval()
         return ModuleTeacher(teacher), x, torch.arange(len(x)), mask, spec
     # lm: the top-k store (k = 64, 8-bit log-probs, tail prior). lm_head: the default
@@ -87,6 +95,7 @@ def measure(task: str, mode: str, threads: int = 1) -> dict:
 
     teacher, x, ids, mask, spec = _setup(task)
     bs = spec.batch_size
+    c0 = time.process_time()
     if mode == "raw":
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -99,8 +108,9 @@ def measure(task: str, mode: str, threads: int = 1) -> dict:
         t0 = time.perf_counter()
         label(teacher, x, ids, out, spec, mask=mask, progress=False)
         wall = time.perf_counter() - t0
-        shutil.rmtree(out)
-    return {"task": task, "mode": mode, "examples": len(x), "wall_s": wall}
+    cpu = time.process_time() - c0  # this process's CPU time: less sensitive to load
+    shutil.rmtree(CACHE / "throughput" / task, ignore_errors=True)
+    return {"task": task, "mode": mode, "examples": len(x), "wall_s": wall, "cpu_s": cpu}
 
 
 def run(rounds: int, tasks: list[str], out: Path) -> None:
@@ -110,20 +120,30 @@ def run(rounds: int, tasks: list[str], out: Path) -> None:
         res["commands"] = res.get("commands") or [res.pop("command")]
     for task in tasks:
         times: dict[str, list[float]] = {"raw": [], "label": []}
+        cpu: dict[str, list[float]] = {"raw": [], "label": []}
         for r in range(rounds):
             for mode in ("raw", "label"):
                 p = subprocess.run([sys.executable, __file__, "measure", task, mode],
                                    capture_output=True, text=True, check=True)  # fmt: skip
                 rec = json.loads(p.stdout.strip().splitlines()[-1])
                 times[mode].append(rec["wall_s"])
-                print(f"{task} round {r} {mode}: {rec['wall_s']:.2f} s", flush=True)
+                cpu[mode].append(rec["cpu_s"])
+                print(f"{task} round {r} {mode}: {rec['wall_s']:.2f} s (CPU {rec['cpu_s']:.2f} s)",
+                      flush=True)  # fmt: skip
+        if task in res["tasks"]:  # a rerun: the earlier measurement moves to "previous"
+            res.setdefault("previous", {}).setdefault(task, []).append(res["tasks"][task])
         med = {m: statistics.median(v) for m, v in times.items()}
+        med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
         res["tasks"][task] = {
             "rounds": rounds,
             "examples": rec["examples"],
             "wall_s": times,
             "median_s": med,
             "label_over_raw_throughput": med["raw"] / med["label"],
+            "cpu_s": cpu,
+            "label_over_raw_cpu": med_cpu["raw"] / med_cpu["label"],
+            "load_average": os.getloadavg(),  # after the task's rounds (2 cores shared)
+            "command": f"bench/label_throughput.py run --rounds {rounds} --tasks {' '.join(tasks)}",
         }
     cmd = f"bench/label_throughput.py run --rounds {rounds} --tasks {' '.join(tasks)}"
     res["commands"] = [*res.get("commands", []), cmd]

@@ -36,17 +36,24 @@ def tensor_digest(t: Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    h.update(t.numpy().tobytes())
+    h.update(t.numpy())  # the tensor's memory as it is: no copy to bytes first
     return h.hexdigest()
 
 
 def modules_digest(modules: list[nn.Module], extra: dict | None = None) -> str:
-    """SHA-256 of the weights (and buffers) of ``modules``, in order, plus ``extra``."""
+    """SHA-256 of the weights (and buffers) of ``modules``, in order, plus ``extra``.
+
+    A tensor listed under several names (tied weights, e.g. an output layer sharing the
+    token embedding) is hashed once; its digest enters under each name as before."""
     h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
+    done: dict[tuple, str] = {}
     for i, m in enumerate(modules):
         for name, v in sorted(m.state_dict().items()):
+            key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+            if key not in done or v.numel() == 0:
+                done[key] = tensor_digest(v)
             h.update(f"{i}.{name}".encode())
-            h.update(tensor_digest(v).encode())
+            h.update(done[key].encode())
     return h.hexdigest()
 
 

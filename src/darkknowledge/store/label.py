@@ -44,6 +44,14 @@ from .format import (
 )
 from .manifest import parse_manifest
 from .reader import SignalStore, read_manifest
+from .select import (
+    ChunkedLogits,
+    head_filler,
+    logits_filler,
+    row_groups,
+    sample_signals,
+    topk_signals,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -214,15 +222,16 @@ def label(
     n_shards = math.ceil(n / spec.shard_size)
     layout = {"num_examples": n, "shard_size": spec.shard_size, "batch_size": spec.batch_size}
 
-    # One batch first: it gives V (to validate k) and checks the teacher's output shape.
-    probe = teacher.signals(Batch(x[:1], None, ids[:1])).logits
+    # One batch first: it gives V (to validate k) and checks the teacher's output shape;
+    # the inputs its linear layers saw let the output layer be checked without another run
+    probe, seen = _probe(teacher, Batch(x[:1], None, ids[:1]))
     if probe is None:
         raise DKError("label: the teacher gave no logits")
     vocab = int(probe.shape[-1])
     spec.validate(vocab)
     head_mod = None  # signal='head': the teacher's output layer, checked once
     if spec.signal == "auto":
-        spec, head_mod = _auto_signal(spec, teacher, vocab, x[: min(n, 4)], ids[: min(n, 4)], probe)
+        spec, head_mod = _auto_signal(spec, teacher, vocab, probe, seen)
         spec.validate(vocab)
     if spec.tail_prior and spec.signal != "topk":
         raise DKError("label.tail_prior applies to top-k signals only")
@@ -231,7 +240,11 @@ def label(
     if spec.signal == "head" and head_mod is None:
         name, head_mod = _find_head(teacher, spec.head_layer, vocab)
         spec = replace(spec, head_layer=name)
-        _check_head(teacher, head_mod, name, x[: min(n, 4)], ids[: min(n, 4)], probe)
+        _check_head(head_mod, name, seen, probe)
+    # top-k and sampled signals: from the output layer's input, one vocabulary chunk of
+    # logits at a time, when the logits are that layer's output (else from the logits)
+    fused = _fusable_head(spec, teacher, vocab, probe, seen)
+    del seen
     fingerprint.update(spec.fields())
     head = {
         "format": FORMAT,
@@ -271,7 +284,11 @@ def label(
         logger=_log,
     )
     done = bar.n
-    with _hidden_hooks(teacher, spec.hidden) as captured, _skip_head(head_mod, captured):
+    chunks = ChunkedLogits()  # one buffer for every batch's logits chunks
+    with (
+        _hidden_hooks(teacher, spec.hidden) as captured,
+        _skip_head(head_mod or fused, captured),
+    ):
         for i in todo:
             lo, hi = i * spec.shard_size, min((i + 1) * spec.shard_size, n)
             parts: list[dict[str, Tensor]] = []
@@ -282,7 +299,7 @@ def label(
                 captured.clear()
                 sig = teacher.signals(Batch(x[b:e], None, ids[b:e]))
                 m = None if mask is None else mask[b:e]
-                parts.append(_encode(sig.logits, spec, vocab, captured, m, gen))
+                parts.append(_encode(sig.logits, spec, vocab, captured, m, gen, fused, chunks))
                 if tail_sum is not None:  # the sum stays on the CPU, the teacher anywhere
                     tail_sum += parts[-1].pop("tail_sum").cpu()
                 done += e - b
@@ -451,15 +468,22 @@ def sample_counts(
     ``logits (..., V)``, as (distinct ids ``(..., k)`` int64 in increasing order, their
     counts ``(..., k)`` int64); slots past the distinct ids hold id 0 with count 0."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    p = torch.softmax(logits.detach().float().cpu().reshape(-1, vocab) / temperature, dim=-1)
-    draws = torch.multinomial(p, k, replacement=True, generator=gen)  # (R, k)
+    z = logits.detach().float().cpu().reshape(-1, vocab)
+    draws = sample_signals(logits_filler(z), len(z), vocab, k, temperature, gen, ChunkedLogits())
+    ids, counts = distinct_counts(draws)
+    return ids.reshape(*lead, k), counts.reshape(*lead, k)
+
+
+def distinct_counts(draws: Tensor) -> tuple[Tensor, Tensor]:
+    """Draws ``(R, k)`` → (distinct ids ``(R, k)`` in increasing order, their counts);
+    slots past the distinct ids hold id 0 with count 0."""
     draws = draws.sort(dim=-1).values
     new = torch.ones_like(draws, dtype=torch.bool)
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     slot = new.long().cumsum(-1) - 1  # (R, k): which distinct id each draw is
     counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
     ids = torch.zeros_like(draws).scatter_(-1, slot, draws)  # a slot's draws share one id
-    return ids.reshape(*lead, k), counts.reshape(*lead, k)
+    return ids, counts
 
 
 def _count_dtype(k: int) -> torch.dtype:
@@ -473,51 +497,79 @@ def _encode(
     hidden: dict,
     mask: Tensor | None = None,
     gen: torch.Generator | None = None,
+    fused: nn.Linear | None = None,
+    chunks: ChunkedLogits | None = None,
 ) -> dict:
     """Teacher logits ``(B, [T,] V)`` → the tensors one batch adds to a shard (and, with
     a tail prior, ``tail_sum (V,)``: Σ over valid positions of the probabilities outside
     each position's top-k, float64, which the caller takes out). ``gen``: the shard's
-    random generator (sampled signals)."""
-    if spec.signal != "head" and (logits is None or logits.shape[-1] != vocab):
+    random generator (sampled signals). ``fused``: the teacher's output layer, which
+    did not run (its input is in ``hidden``): top-k and draws come from that input."""
+    if fused is not None:
+        h = hidden.pop(HEAD_INPUT)  # (B, [T,] H)
+        if logits is None or h.shape[:-1] != logits.shape[:-1]:
+            raise DKError("label: the teacher's output layer input changed shape between batches")
+        lead, dev = h.shape[:-1], h.device
+        fill = _head_fills(h.reshape(-1, h.shape[-1]), fused)
+    elif spec.signal != "head" and (logits is None or logits.shape[-1] != vocab):
         raise DKError("label: the teacher's output size changed between batches")
+    elif spec.signal in ("topk", "sampled"):
+        lead, dev = logits.shape[:-1], logits.device
+        z = logits.detach().float().reshape(-1, vocab)  # (R, V)
+        fill = lambda lo, hi: logits_filler(z[lo:hi])  # noqa: E731
+    chunks = chunks or ChunkedLogits()
     out: dict[str, Tensor] = {}
     if spec.signal == "head":
         out["head_hidden"] = hidden.pop(HEAD_INPUT).to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] H)
     elif spec.signal == "dense":
         out["logits"] = logits.to(FLOAT_DTYPES[spec.dtype])  # (B, [T,] V)
     elif spec.signal == "sampled":
-        ids, counts = sample_counts(logits, spec.k, spec.temperature, gen)
-        out["sample_ids"] = ids.to(_id_dtype(vocab))  # (B, [T,] k)
-        out["sample_counts"] = counts.to(_count_dtype(spec.k))
+        rows = math.prod(lead)
+        draws = torch.cat(
+            [
+                sample_signals(fill(lo, hi), hi - lo, vocab, spec.k, spec.temperature, gen, chunks)
+                for lo, hi in row_groups(rows, vocab)
+            ]
+        )  # (R, k)
+        ids, counts = distinct_counts(draws)
+        out["sample_ids"] = ids.reshape(*lead, spec.k).to(_id_dtype(vocab))  # (B, [T,] k)
+        out["sample_counts"] = counts.reshape(*lead, spec.k).to(_count_dtype(spec.k))
     else:
-        z = logits.float()
-        if spec.temperature != 1.0:
-            z = z / spec.temperature
-        # top-k of the logits; the normaliser from one exp pass shifted by the top-1 value
-        # (so no separate max pass); the same buffer then gives the tail prior's sums
-        vals, idx = z.topk(spec.k, dim=-1)  # (B, [T,] K), sorted
-        top = vals[..., :1]
-        e = torch.sub(z, top).exp_()  # (B, [T,] V), ≤ 1
-        s = e.sum(-1, keepdim=True)
-        vals = vals - top - s.log()
-        tail = (1.0 - vals.double().exp().sum(-1)).clamp_min(0.0).float()  # (B, [T])
-        if spec.tail_prior:
-            e.scatter_(-1, idx, 0.0)
-            w = s.reciprocal()  # (B, [T,] 1): e·w are the probabilities
-            if mask is not None:
-                w = w * mask.unsqueeze(-1).to(w.device, w.dtype)
-            # Σ over positions as one (1, N) @ (N, V) product: far cheaper than a sum
-            out["tail_sum"] = (w.reshape(1, -1) @ e.reshape(-1, vocab)).squeeze(0).double()
-        del e
-        out["topk_ids"] = idx.to(_id_dtype(vocab))
+        rows = math.prod(lead)
+        w = None
+        if spec.tail_prior:  # positions enter the tail prior's sum with weight 1 (0 if masked)
+            w = torch.ones(rows) if mask is None else mask.reshape(-1).float()
+            w = w.to(dev)  # where the logits are made
+        parts = [
+            topk_signals(
+                fill(lo, hi),
+                hi - lo,
+                vocab,
+                spec.k,
+                spec.temperature,
+                None if w is None else w[lo:hi],
+                chunks,
+            )
+            for lo, hi in row_groups(rows, vocab)
+        ]
+        vals = torch.cat([p["logprobs"] for p in parts]).reshape(*lead, spec.k)
+        out["topk_ids"] = torch.cat([p["ids"] for p in parts]).reshape(*lead, spec.k)
+        out["topk_ids"] = out["topk_ids"].to(_id_dtype(vocab))
         out["topk_logprobs"] = (
             quantize_q8(vals) if spec.dtype == "q8" else vals.to(FLOAT_DTYPES[spec.dtype])
         )
-        out["tail_mass"] = tail
+        out["tail_mass"] = torch.cat([p["tail"] for p in parts]).reshape(lead)
+        if w is not None:
+            out["tail_sum"] = sum(p["tail_sum"] for p in parts)
     fdt = torch.float32 if spec.dtype == "q8" else FLOAT_DTYPES[spec.dtype]
     for name, h in hidden.items():
         out[f"hidden.{name}"] = h.to(fdt)
     return out
+
+
+def _head_fills(h: Tensor, head: nn.Linear):
+    """``fill`` factories per row group for the output layer applied to ``h (R, H)``."""
+    return lambda lo, hi: head_filler(h[lo:hi], head)
 
 
 @contextmanager
@@ -591,40 +643,68 @@ def _find_head(teacher: Teacher, name: str | None, vocab: int) -> tuple[str, nn.
     return name, found
 
 
-def _check_head(
-    teacher: Teacher, head: nn.Linear, name: str, x: Tensor, ids: Tensor, probe: Tensor
-) -> None:
-    """Refuse a head store unless the teacher's logits are exactly its output layer
-    applied to that layer's input (no soft-capping, scaling or mixing after it)."""
-    seen: dict[str, Tensor] = {}
-    h = head.register_forward_hook(lambda _m, inp, _o: seen.__setitem__("h", inp[0].detach()))
+def _probe(teacher: Teacher, batch: Batch) -> tuple[Tensor | None, dict[nn.Module, Tensor]]:
+    """The teacher's logits on ``batch`` and, for a teacher of one network, the input
+    each of its ``nn.Linear`` layers last received (what checks its output layer)."""
+    seen: dict[nn.Module, Tensor] = {}
+    mods = getattr(teacher, "modules", list)()
+    linears = [m for m in mods[0].modules() if isinstance(m, nn.Linear)] if len(mods) == 1 else []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, _o: seen.__setitem__(mod, inp[0].detach()))
+        for m in linears
+    ]
     try:
-        logits = teacher.signals(Batch(x, None, ids)).logits
+        logits = teacher.signals(batch).logits
     finally:
-        h.remove()
-    if "h" not in seen or logits is None:
+        for h in hooks:
+            h.remove()
+    return logits, seen
+
+
+def _check_head(head: nn.Linear, name: str, seen: dict[nn.Module, Tensor], probe: Tensor) -> None:
+    """Refuse a head store unless the teacher's logits ``probe`` are exactly its output
+    layer applied to that layer's input (no soft-capping, scaling or mixing after it);
+    ``seen``: the inputs of the teacher's linear layers in the same run (:func:`_probe`)."""
+    if head not in seen:
         raise DKError(f"label.signal=head: the teacher's layer {name!r} was not called")
     again = F.linear(
-        seen["h"].float(), head.weight.float(), None if head.bias is None else head.bias.float()
+        seen[head].float(), head.weight.float(), None if head.bias is None else head.bias.float()
     )
-    scale = float(logits.abs().max().clamp_min(1.0))
-    if again.shape != logits.shape or float((again - logits.float()).abs().max()) > 1e-3 * scale:
+    scale = float(probe.abs().max().clamp_min(1.0))
+    if again.shape != probe.shape or float((again - probe.float()).abs().max()) > 1e-3 * scale:
         raise DKError(
             f"label.signal=head: the teacher's logits are not its layer {name!r} applied to "
             "that layer's input (something acts after it); use topk or dense"
         )
 
 
+def _fusable_head(
+    spec: LabelSpec, teacher: Teacher, vocab: int, probe: Tensor, seen: dict
+) -> nn.Linear | None:
+    """For top-k and sampled signals: the teacher's output layer when its logits are
+    exactly that layer's output and nothing else needs them (no stored output of that
+    layer), else None (the signals are then computed from the logits)."""
+    if spec.signal not in ("topk", "sampled"):
+        return None
+    try:
+        name, head = _find_head(teacher, None, vocab)
+        _check_head(head, name, seen, probe)
+    except DKError:
+        return None
+    return None if name in spec.hidden else head
+
+
 @contextmanager
 def _skip_head(head: nn.Linear | None, captured: dict):
-    """While labelling a head store: the output layer records its input and returns a
-    (…, 1) placeholder, so the vocabulary-sized product is never computed."""
+    """While labelling a head store (or top-k / sampled signals from the output layer's
+    input): the output layer records its input and returns a (…, 1) placeholder, so its
+    own vocabulary-sized product is never computed."""
     if head is None:
         yield
         return
 
     def forward(inp: Tensor) -> Tensor:
-        captured[HEAD_INPUT] = inp.detach().float()
+        captured[HEAD_INPUT] = inp.detach()
         return inp.new_zeros((*inp.shape[:-1], 1))
 
     head.forward = forward
@@ -635,7 +715,7 @@ def _skip_head(head: nn.Linear | None, captured: dict):
 
 
 def _auto_signal(
-    spec: LabelSpec, teacher: Teacher, vocab: int, x: Tensor, ids: Tensor, probe: Tensor
+    spec: LabelSpec, teacher: Teacher, vocab: int, probe: Tensor, seen: dict
 ) -> tuple[LabelSpec, nn.Linear | None]:
     """Resolve ``signal='auto'``: the exact formats when they are no larger. Returns the
     spec and, for a head store, the (already checked) output layer. ``replace`` resolves
@@ -647,7 +727,7 @@ def _auto_signal(
         return topk, None
     try:
         name, head_mod = _find_head(teacher, spec.head_layer, vocab)
-        _check_head(teacher, head_mod, name, x, ids, probe)
+        _check_head(head_mod, name, seen, probe)
     except DKError:
         return topk, None
     head = replace(spec, signal="head", k=None, head_layer=name)
