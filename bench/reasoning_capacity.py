@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -39,8 +40,11 @@ def llama(h: int, layers: int) -> list[str]:
     return [f"student.model.config.{k}={v}" for k, v in c.items()]
 
 
-def arm(role: str, recipe: str, h: int, layers: int, steps: int) -> tuple[str, str, list[str]]:
-    return role, recipe, [*llama(h, layers), f"train.steps={steps}"]
+def arm(
+    role: str, recipe: str, h: int, layers: int, steps: int, seed: int | None = None
+) -> tuple[str, str, list[str]]:
+    seeded = [] if seed is None else [f"train.seed={seed}"]
+    return role, recipe, [*llama(h, layers), f"train.steps={steps}", *seeded]
 
 
 # name: (role, recipe, overrides); students in pairs (NAME_gold, NAME_answers) of one size
@@ -48,6 +52,14 @@ def arm(role: str, recipe: str, h: int, layers: int, steps: int) -> tuple[str, s
 ARMS: dict[str, tuple[str, str, list[str]]] = {
     "s64x2_gold": arm("student", "student_gold.yaml", 64, 2, 4000),
     "s64x2_answers": arm("student", "student_answers.yaml", 64, 2, 4000),
+    "s64x2_gold_seed1": arm("student", "student_gold.yaml", 64, 2, 4000, seed=1),
+    "s64x2_gold_seed2": arm("student", "student_gold.yaml", 64, 2, 4000, seed=2),
+    "s64x2_2k_gold": arm("student", "student_gold.yaml", 64, 2, 2000),
+    "s64x2_2k_answers": arm("student", "student_answers.yaml", 64, 2, 2000),
+    "s32x2_gold": arm("student", "student_gold.yaml", 32, 2, 4000),
+    "s32x2_answers": arm("student", "student_answers.yaml", 32, 2, 4000),
+    "t96x4_1k": arm("teacher", "teacher_gold.yaml", 96, 4, 1000),
+    "t96x4_2k": arm("teacher", "teacher_gold.yaml", 96, 4, 2000),
     "t96x4_4k": arm("teacher", "teacher_gold.yaml", 96, 4, 4000),
 }
 
@@ -74,6 +86,27 @@ def run_arm(name: str, out: Path) -> None:
     _, recipe, overrides = ARMS[name]
     run = out / name
     log, cpu_log = out / f"{name}.log", out / f"{name}.cpu.jsonl"
+    lock = out / f"{name}.lock"
+    try:  # one process per arm: several bench processes can share the list of arms
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = int(lock.read_text() or 0)
+        try:
+            os.kill(pid, 0)
+            print(f"{name}: running in process {pid}; skipped", flush=True)
+            return
+        except (ProcessLookupError, ValueError):
+            lock.unlink()  # left by a killed process
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        _run_stages(name, recipe, overrides, run, log, cpu_log)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run_stages(name, recipe, overrides, run: Path, log: Path, cpu_log: Path) -> None:
 
     def record(stage: str, t: dict) -> None:
         with open(cpu_log, "a") as f:
@@ -129,8 +162,16 @@ def summarize(out: Path) -> dict:
                     "gold_pass@1": g, "answers_pass@1": a,
                     "ratio": g / a if a > 0 else None, "at_least_2x": g >= 2 * a,
                 }  # fmt: skip
+    seeds = {}  # the same arm over several train.seed values: NAME, NAME_seed1, ...
+    for name, r in rows.items():
+        if r["done"] and "_seed" not in name:
+            xs = [rows[n]["test"]["pass@1"] for n in rows
+                  if (n == name or n.startswith(name + "_seed")) and rows[n]["done"]]  # fmt: skip
+            if len(xs) > 1:
+                seeds[name] = {"test_pass@1": xs, "mean": statistics.fmean(xs),
+                               "sd": statistics.stdev(xs)}  # fmt: skip
     return {"data": str(DATA.relative_to(ROOT)), "eval": " ".join(EVAL), "arms": rows,
-            "capacity": checks}  # fmt: skip
+            "capacity": checks, "seeds": seeds}  # fmt: skip
 
 
 def table(s: dict) -> str:
@@ -147,7 +188,7 @@ def table(s: dict) -> str:
         ev = c.get("eval_dev", 0) + c.get("eval_test", 0)
         lines.append(
             f"| {name} | {r['role']} | {r['params']:,} | {r['steps']} | "
-            f"{c.get('train', 0) / 60:.0f} min | {ev / 60:.0f} min | {r['dev']['pass@1']:.3f} | "
+            f"{c.get('train', 0) / 60:.1f} min | {ev / 60:.1f} min | {r['dev']['pass@1']:.3f} | "
             f"{r['test']['pass@1']:.3f} | {r['test']['greedy']:.3f} | {r['test']['maj@k']:.3f} |"
         )
     return "\n".join(lines)
@@ -176,7 +217,7 @@ def main() -> None:
             run_arm(name, out)
     s = summarize(out)
     print(table(s))
-    print(json.dumps(s["capacity"], indent=1))
+    print(json.dumps({"capacity": s["capacity"], "seeds": s["seeds"]}, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(s, indent=1) + "\n")
 
