@@ -54,13 +54,15 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "s64x2_answers": arm("student", "student_answers.yaml", 64, 2, 4000),
     "s64x2_gold_seed1": arm("student", "student_gold.yaml", 64, 2, 4000, seed=1),
     "s64x2_gold_seed2": arm("student", "student_gold.yaml", 64, 2, 4000, seed=2),
+    "s64x2_6k_gold": arm("student", "student_gold.yaml", 64, 2, 6000),
+    "s64x2_6k_gold_seed1": arm("student", "student_gold.yaml", 64, 2, 6000, seed=1),
     "s64x2_2k_gold": arm("student", "student_gold.yaml", 64, 2, 2000),
     "s64x2_2k_answers": arm("student", "student_answers.yaml", 64, 2, 2000),
     "s32x2_gold": arm("student", "student_gold.yaml", 32, 2, 4000),
     "s32x2_answers": arm("student", "student_answers.yaml", 32, 2, 4000),
     "t96x4_1k": arm("teacher", "teacher_gold.yaml", 96, 4, 1000),
+    "t96x4_1500": arm("teacher", "teacher_gold.yaml", 96, 4, 1500),
     "t96x4_2k": arm("teacher", "teacher_gold.yaml", 96, 4, 2000),
-    "t96x4_4k": arm("teacher", "teacher_gold.yaml", 96, 4, 4000),
 }
 
 
@@ -137,7 +139,7 @@ def summarize(out: Path) -> dict:
             rows[name] = {"role": role, "done": False}
             continue
         rep = json.loads((run / "report.json").read_text())
-        st = rep["students"]["0"]
+        (st,) = rep["students"].values()  # one student per arm (its seed is the key)
         cpu = {}
         for line in (out / f"{name}.cpu.jsonl").read_text().splitlines():
             r = json.loads(line)

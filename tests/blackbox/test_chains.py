@@ -91,8 +91,15 @@ def test_shipped_recipes_validate_on_the_written_splits(tmp_path):
     shutil.copytree(src, dst)
     write_splits(tmp_path / "runs" / "reasoning" / "data", 0, SMALL)
     names = sorted(p.name for p in dst.glob("*.yaml"))
-    assert {"student_gold.yaml", "student_answers.yaml", "teacher_gold.yaml"} <= set(names)
+    assert {"student_gold.yaml", "student_answers.yaml", "teacher_gold.yaml",
+            "generate.yaml"} <= set(names)  # fmt: skip
     for name in names:
         family, recipe, _ = load_family_recipe(dst / name)
+        if family == "generate":  # the prompts and the fields it reads from them
+            row = json.loads(recipe.prompts.path.read_text().splitlines()[0])
+            assert {recipe.prompts.prompt_field, recipe.prompts.answer_field,
+                    recipe.prompts.id_field} <= set(row)  # fmt: skip
+            assert recipe.prompts.template.format(**row) == row["prompt"]
+            continue
         assert family == "causal_lm" and recipe.data.train.exists(), name
         assert recipe.tokenizer.path.name == "tokenizer"
