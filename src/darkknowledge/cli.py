@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--template", default="{prompt}", help="plain {prompt} substitution")
     ev.add_argument("--limit", type=int, help="the first N rows only")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--out", metavar="JSON", help="write the result here (default: RUN_DIR|MODEL_DIR/eval.json)"
+    )
 
     st = sub.add_parser("store", help="inspect a signal store")
     st_sub = st.add_subparsers(dest="store_cmd", required=True, metavar="SUBCOMMAND")
@@ -187,7 +190,7 @@ def _seed_list(text: str) -> list[int]:
     return nums
 
 
-def _eval_run_dir(run: Path) -> bool:
+def _eval_run_dir(run: Path, out: str | None = None) -> bool:
     """``dk eval`` of a classify or text run folder (False: not one of those)."""
     import json
 
@@ -207,7 +210,10 @@ def _eval_run_dir(run: Path) -> bool:
         data = {"family": fam, **{k: v for k, v in data.items() if k != "family"}}
     _, recipe = validate_family(data, base_dir=run, source=str(run / "config.yaml"))
     res = fn(recipe, run)
-    atomic_write_bytes(run / "eval.json", json.dumps(res, indent=2).encode())
+    target = Path(out) if out else run / "eval.json"
+    if not target.parent.is_dir():
+        raise DKError(f"--out {target}: no such folder {target.parent}")
+    atomic_write_bytes(target, json.dumps(res, indent=2).encode())
     keys = [k for k in next(iter(res["models"].values())) if k != "model"]
     print(f"{'model':<24}" + "".join(f"{k:>14}" for k in keys))
     for name, r in res["models"].items():
@@ -215,7 +221,7 @@ def _eval_run_dir(run: Path) -> bool:
             f"{name:<24}"
             + "".join(f"{r[k]:>14.4f}" if isinstance(r[k], float) else f"{r[k]:>14}" for k in keys)
         )
-    print(f"\neval: {run / 'eval.json'}")
+    print(f"\neval: {target}")
     return True
 
 
@@ -491,7 +497,7 @@ def _dispatch_one(args) -> int:
     if args.cmd == "eval":
         from .blackbox.evaluate import eval_models, format_eval
 
-        if _eval_run_dir(Path(args.path)):
+        if _eval_run_dir(Path(args.path), args.out):
             return 0
         if args.data is None:
             raise DKError(
@@ -502,10 +508,10 @@ def _dispatch_one(args) -> int:
             Path(args.path), Path(args.data), verifier=args.verifier, k=args.k,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
             prompt_key=args.prompt_key, answer_key=args.answer_key, template=args.template,
-            limit=args.limit, seed=args.seed,
+            limit=args.limit, seed=args.seed, out_file=args.out,
         )  # fmt: skip
         print(format_eval(res))
-        print(f"\neval: {Path(args.path) / 'eval.json'}")
+        print(f"\neval: {args.out or Path(args.path) / 'eval.json'}")
         return 0
     if args.cmd == "demo":
         from .demo import run_demo

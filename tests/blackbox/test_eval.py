@@ -41,6 +41,16 @@ def test_eval_scores_a_trained_model_above_an_untrained_one(tmp_path: Path, caps
         assert main(["eval", str(tmp_path / "trained"), *bad]) == 2
         assert capsys.readouterr().err.count("\n") == 1
     assert main(["eval", str(tmp_path), "--data", str(data)]) == 2  # not a model or run
+    # --out: a second data file scored beside the first, eval.json left as it was
+    before = (tmp_path / "trained" / "eval.json").read_text()
+    args = ["eval", str(tmp_path / "trained"), "--data", str(data), "--verifier", "exact",
+            "--k", "1", "--max-new-tokens", "3", "--limit", "4", "--out", str(tmp_path / "dev.json")]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "dev.json").read_text())["prompts"] == 4
+    assert (tmp_path / "trained" / "eval.json").read_text() == before
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "no" / "dev.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
     # the same rows as CSV (every format darkknowledge.rows reads): the same scores
     import csv
 

@@ -302,6 +302,16 @@ def test_bad_recipes_are_one_line_errors(text):
     bad["train"] = {**FAST, "stepz": 3}
     with pytest.raises(DKError, match="stepz"):
         validate_family(bad)
+    with pytest.raises(DKError, match=r"seed 1 and train\.seed 2"):
+        validate_family(recipe(text, seed=1, train={**FAST, "seed": 2}))
+
+
+def test_train_seed_is_the_student_seed(text):
+    """``train.seed=N`` (the override every family takes) seeds the causal_lm student; it
+    was silently replaced by the recipe's ``seed:`` (0)."""
+    assert validate_family(recipe(text, train={**FAST, "seed": 3}))[1].seed == 3
+    assert validate_family(recipe(text, seed=4))[1].seed == 4
+    assert validate_family(recipe(text, seed=5, train={**FAST, "seed": 5}))[1].seed == 5
 
 
 def test_text_is_tokenised_in_pieces_with_the_same_ids(text):

@@ -98,7 +98,10 @@ def eval_models(
     template: str = "{prompt}",
     limit: int | None = None,
     seed: int = 0,
+    out_file: Path | None = None,
 ) -> dict:
+    """Score the model(s) at ``path``; the result goes to ``out_file`` (default
+    ``path/eval.json``), so one model can be scored on several data files."""
     from ..hf.io import load_model, load_tokenizer
 
     if k < 1 or max_new_tokens < 1 or not (0.0 < temperature <= 2.0):
@@ -132,7 +135,10 @@ def eval_models(
             }
             for m in ("pass@1", "maj@k", "greedy", "loss")
         }
-    atomic_write_bytes(Path(path) / "eval.json", json.dumps(out, indent=2).encode())
+    target = Path(out_file) if out_file is not None else Path(path) / "eval.json"
+    if not target.parent.is_dir():
+        raise DKError(f"--out {target}: no such folder {target.parent}")
+    atomic_write_bytes(target, json.dumps(out, indent=2).encode())
     return out
 
 

@@ -267,6 +267,17 @@ class LMRecipe(Strict):
         if isinstance(data.get("teacher"), dict) and "kind" not in data["teacher"]:
             data["teacher"] = {"kind": "model", **data["teacher"]}
         data["train"] = with_defaults(data.get("train"), TRAIN_DEFAULTS)
+        tr = data["train"]
+        if isinstance(tr, dict) and tr.get("seed") is not None:
+            # the student's seed is the recipe's ``seed:``; ``train.seed`` (every other
+            # family's name for it) says the same, and two different values are refused
+            if data.get("seed") is None:
+                data["seed"] = tr["seed"]
+            elif data["seed"] != tr["seed"]:
+                raise ValueError(
+                    f"seed {data['seed']} and train.seed {tr['seed']}: the student's seed is "
+                    "given twice; keep one (dk run --seeds runs several)"
+                )
         t = data.get("teacher")
         if isinstance(t, dict) and t.get("kind") == "api":
             raise ValueError(
