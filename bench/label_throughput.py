@@ -31,7 +31,7 @@ TASKS = ["fashion", "lm", "lm_head", "lm8x512", "lm8x512_head", "lm8x512_sampled
 CACHE = ROOT / "bench" / ".cache"
 
 
-def _setup(task: str):
+def _setup(task: str, windows: int = 64):
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -62,7 +62,7 @@ def _setup(task: str):
     from store_fidelity import load_teacher
 
     (x, _y), _ = lm.splits(64)
-    x = x[:128]
+    x = x[: max(128, windows)]
     mask = torch.ones_like(x, dtype=torch.bool)
     head = task.endswith("_head")
     sampled = task.endswith("_sampled")
@@ -72,7 +72,7 @@ def _setup(task: str):
         # 512, GPT-2 vocabulary), seeded random weights: what is timed does not depend on
         # them; its layers weigh as much as its output head, unlike the 2 × 96 teacher
         torch.manual_seed(0)
-        x, mask = x[:64], mask[:64]
+        x, mask = x[:windows], mask[:windows]
         signal = "head" if head else "sampled" if sampled else "topk"
         # sampled: the default 16 draws per position at temperature 1
         spec = LabelSpec(signal=signal, k=default_k(signal), batch_size=16, shard_size=64)
@@ -85,7 +85,7 @@ def _setup(task: str):
     return ModuleTeacher(load_teacher()), x, torch.arange(len(x)), mask, spec
 
 
-def measure(task: str, mode: str, threads: int = 1) -> dict:
+def measure(task: str, mode: str, threads: int = 1, windows: int = 64) -> dict:
     import torch
 
     torch.set_num_threads(threads)  # see bench/kd_overhead.py --threads
@@ -93,7 +93,7 @@ def measure(task: str, mode: str, threads: int = 1) -> dict:
     from darkknowledge.store import label
     from darkknowledge.teachers import Batch
 
-    teacher, x, ids, mask, spec = _setup(task)
+    teacher, x, ids, mask, spec = _setup(task, windows)
     bs = spec.batch_size
     c0 = time.process_time()
     if mode == "raw":
@@ -113,28 +113,33 @@ def measure(task: str, mode: str, threads: int = 1) -> dict:
     return {"task": task, "mode": mode, "examples": len(x), "wall_s": wall, "cpu_s": cpu}
 
 
-def run(rounds: int, tasks: list[str], out: Path) -> None:
+def run(rounds: int, tasks: list[str], out: Path, windows: int = 64) -> None:
     res: dict = {"rounds": rounds, "torch_threads": 1, "tasks": {}}
     if out.exists():  # tasks not rerun keep their earlier measurements and commands
         res = json.loads(out.read_text())
         res["commands"] = res.get("commands") or [res.pop("command")]
+    cmd = f"bench/label_throughput.py run --rounds {rounds} --tasks {' '.join(tasks)}"
+    if windows != 64:
+        cmd += f" --windows {windows}"
     for task in tasks:
         times: dict[str, list[float]] = {"raw": [], "label": []}
         cpu: dict[str, list[float]] = {"raw": [], "label": []}
         for r in range(rounds):
             for mode in ("raw", "label"):
-                p = subprocess.run([sys.executable, __file__, "measure", task, mode],
+                p = subprocess.run([sys.executable, __file__, "measure", task, mode,
+                                    "--windows", str(windows)],
                                    capture_output=True, text=True, check=True)  # fmt: skip
                 rec = json.loads(p.stdout.strip().splitlines()[-1])
                 times[mode].append(rec["wall_s"])
                 cpu[mode].append(rec["cpu_s"])
                 print(f"{task} round {r} {mode}: {rec['wall_s']:.2f} s (CPU {rec['cpu_s']:.2f} s)",
                       flush=True)  # fmt: skip
-        if task in res["tasks"]:  # a rerun: the earlier measurement moves to "previous"
-            res.setdefault("previous", {}).setdefault(task, []).append(res["tasks"][task])
+        key = task if windows == 64 else f"{task}@{windows}windows"
+        if key in res["tasks"]:  # a rerun: the earlier measurement moves to "previous"
+            res.setdefault("previous", {}).setdefault(key, []).append(res["tasks"][key])
         med = {m: statistics.median(v) for m, v in times.items()}
         med_cpu = {m: statistics.median(v) for m, v in cpu.items()}
-        res["tasks"][task] = {
+        res["tasks"][key] = {
             "rounds": rounds,
             "examples": rec["examples"],
             "wall_s": times,
@@ -143,9 +148,8 @@ def run(rounds: int, tasks: list[str], out: Path) -> None:
             "cpu_s": cpu,
             "label_over_raw_cpu": med_cpu["raw"] / med_cpu["label"],
             "load_average": os.getloadavg(),  # after the task's rounds (2 cores shared)
-            "command": f"bench/label_throughput.py run --rounds {rounds} --tasks {' '.join(tasks)}",
+            "command": cmd,
         }
-    cmd = f"bench/label_throughput.py run --rounds {rounds} --tasks {' '.join(tasks)}"
     res["commands"] = [*res.get("commands", []), cmd]
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({t: v["label_over_raw_throughput"] for t, v in res["tasks"].items()}))
@@ -158,15 +162,22 @@ def main():
     m.add_argument("task", choices=TASKS)
     m.add_argument("mode", choices=["raw", "label"])
     m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--windows", type=int, default=64)
     r = sub.add_parser("run")
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--tasks", nargs="+", default=["fashion", "lm"])
+    r.add_argument(
+        "--windows",
+        type=int,
+        default=64,
+        help="lm8x512 tasks: windows of 64 tokens labelled (64: the pinned set-up)",
+    )
     r.add_argument("--out", default=str(ROOT / "docs" / "results" / "label_throughput.json"))
     a = ap.parse_args()
     if a.cmd == "measure":
-        print(json.dumps(measure(a.task, a.mode, a.threads)))
+        print(json.dumps(measure(a.task, a.mode, a.threads, a.windows)))
     else:
-        run(a.rounds, a.tasks, Path(a.out))
+        run(a.rounds, a.tasks, Path(a.out), a.windows)
 
 
 if __name__ == "__main__":
