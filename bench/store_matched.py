@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -128,7 +129,7 @@ def fidelity(stores: dict, teacher, x, ids, batch: int = 16) -> dict:
 
 def write(res: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes may share --out
     tmp.write_text(json.dumps(res, indent=1) + "\n")
     tmp.replace(path)
 
@@ -170,7 +171,7 @@ def make_store(name, teacher, x, ids, mask, folder: Path, tok: str) -> tuple[Sto
 
 def train_student(arm, seed, st, x, y, ids, steps, batch, lr) -> lm.GPT:
     torch.manual_seed(seed)
-    student = lm.GPT(**STUDENT)
+    student = peaked_teacher.gpt(**STUDENT)
     if arm == "plain":
         stack = LossStack.of(CE())
 
@@ -185,6 +186,16 @@ def train_student(arm, seed, st, x, y, ids, steps, batch, lr) -> lm.GPT:
 
     lm.train_lm(student, x, y, steps, batch, lr, seed, loss_fn, log_every=steps)
     return student
+
+
+def load_runs(folder: Path, settings: dict) -> dict:
+    """The finished student runs under ``folder`` (one JSON file each) with ``settings``."""
+    out = {}
+    for f in sorted(folder.glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.pop("settings", None) == settings:
+            out[f"{r['arm']}/{r['seed']}"] = r
+    return out
 
 
 def summarise(res: dict) -> dict:
@@ -231,6 +242,9 @@ def main(argv=None) -> int:
         "--out", default=None, help="results JSON (default docs/results/store_matched.json)"
     )
     ap.add_argument("--cache", default=None, help="store folder (default bench/.cache/matched)")
+    ap.add_argument("--phase", choices=("all", "stores", "students"), default="all",
+                    help="stores: label and measure the stores only; students: train from "
+                         "stores labelled before (several such processes may share --out)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="seconds: random tiny teacher, 2 steps")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out")
     a = ap.parse_args(argv)
@@ -293,6 +307,10 @@ def main(argv=None) -> int:
         if name in res["stores"] and (cache / name / "manifest.json").exists():
             stores[name] = StoreTeacher(cache / name)
             continue
+        if a.phase == "students":
+            print(f"store_matched: no {name} store in {cache}; label it first with "
+                  "--phase stores", file=sys.stderr)  # fmt: skip
+            return 2
         shutil.rmtree(cache / name, ignore_errors=True)
         stores[name], rec = make_store(name, teacher, x, ids, mask, cache, tok)
         res["stores"][name] = rec
@@ -309,21 +327,30 @@ def main(argv=None) -> int:
             print(n, json.dumps(fid[n]), flush=True)
         write(res, out)
 
-    for seed in a.seeds:  # seed outermost: a partial grid is still paired
+    runs_dir = cache / "runs"  # one JSON file per finished student run
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    def update():  # the file as other processes left it, with every finished run
+        nonlocal res
+        res = json.loads(out.read_text()) | {"runs": load_runs(runs_dir, settings)}
+        res["summary"] = summarise(res)
+        write(res, out)
+
+    for seed in a.seeds if a.phase != "stores" else []:  # seed outermost: a partial grid is paired
         for arm in a.arms:
             key = f"{arm}/{seed}"
-            if key in res["runs"]:
+            if key in load_runs(runs_dir, settings):
                 continue
             t0 = time.perf_counter()
             student = train_student(arm, seed, stores.get(arm), x, y, ids, a.steps, a.batch, a.lr)
             rec = {"arm": arm, "seed": seed, "train_s": time.perf_counter() - t0,
                    **evaluate(student, teacher, vx, vy)}  # fmt: skip
-            res["runs"][key] = rec
-            res["summary"] = summarise(res)
-            write(res, out)
+            f = runs_dir / f"{arm}_{seed}.json"
+            f.with_suffix(".tmp").write_text(json.dumps({"settings": settings, **rec}))
+            f.with_suffix(".tmp").replace(f)
+            update()
             print(json.dumps(rec), flush=True)
-    res["summary"] = summarise(res)
-    write(res, out)
+    update()
     if not a.smoke:
         plot(res, out.with_suffix(".png"))
     print(table(res))
