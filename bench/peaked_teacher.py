@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--windows", type=int, default=128)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
