@@ -11,7 +11,11 @@ Resumable: a checkpoint (model, optimizer, schedule, RNG) every ``--every`` step
 ``--out``; a rerun continues from the last one. Each checkpoint logs the peakedness on
 the training windows and the held-out CE.
 
-    nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python bench/peaked_teacher.py --steps 1000
+    nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python bench/peaked_teacher.py --until-peaked
+
+With ``--until-peaked`` the schedule is still the one of ``--steps`` (cosine over 1,000
+steps); training stops at the first checkpoint (every 100 steps) where the probe windows
+meet both conditions, and the model of that step is the teacher.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--until-peaked", action="store_true",
+                    help="stop at the first checkpoint whose probe windows are peaked (mean "
+                         "entropy ≤ 2 nats and mass outside the top 64 ≤ 5 %%)")  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(1)  # cores shared with other jobs
     out = Path(a.out)
@@ -109,7 +116,12 @@ def main():
         print(f"resumed at step {step}", flush=True)
     model.train()
     t0 = time.perf_counter()
-    while step < a.steps:
+
+    def peaked() -> bool:
+        p = log[-1]["probe"] if log else None
+        return bool(p) and p["entropy"] <= 2.0 and p["tail_mass_top64"] <= 0.05
+
+    while step < a.steps and not (a.until_peaked and peaked()):
         rows = torch.randint(0, len(x), (a.batch,), generator=g)
         loss = F.cross_entropy(model(x[rows]).flatten(0, 1), y[rows].flatten())
         opt.zero_grad(set_to_none=True)
@@ -136,11 +148,12 @@ def main():
     model.eval()
     save_file(model.weights(), str(out / "model.safetensors"))
     res = {"config": CONFIG, "corpus": "gsm8k train solutions", "windows": a.windows,
-           "tokens": x.numel(), "steps": a.steps, "batch": a.batch, "lr": a.lr,
+           "tokens": x.numel(), "steps": a.steps, "stopped_at": step, "batch": a.batch,
+           "lr": a.lr,
            "train_s": train_s, "labelled": peakedness(model, x, y),
            "held_out": peakedness(model, vx, vy), "log": log,
            "command": f"bench/peaked_teacher.py --windows {a.windows} --steps {a.steps} "
-                      f"--batch {a.batch} --lr {a.lr}"}  # fmt: skip
+                      f"--batch {a.batch} --lr {a.lr}" + " --until-peaked" * a.until_peaked}  # fmt: skip
     (out / "train.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "log"}))
 

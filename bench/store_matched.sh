@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 M=bench/store_matched.py
-$PY bench/peaked_teacher.py
+$PY bench/peaked_teacher.py --until-peaked
 $PY $M --phase stores
 $PY $M --phase students --arms dense topk64 sampled32 &
 $PY $M --phase students --arms topk96 sampled64 plain &
