@@ -384,7 +384,7 @@ def table(res: dict) -> str:
             store_cols = "— | — | — | — | —"
         else:
             kl = s.get("mean_kl_teacher_stored")
-            kl_txt = "∞ (support)" if s["signal"] == "sampled" else f"{kl:.2g}" if kl else "—"
+            kl_txt = "∞ (support)" if s["signal"] == "sampled" else f"{kl:.3g}" if kl else "—"
             store_cols = (f"{s['bytes_per_token']:,.1f} | {kl_txt} | {_fmt(s.get('mean_tv'))} | "
                           f"{_fmt(s.get('mean_teacher_mass_kept'))} | "
                           f"{s['label_tokens_per_s']:,.0f} ({s['label_vs_raw_throughput']:.2f})")  # fmt: skip
