@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TOK_DIR = SHARED / "tokenizers" / "gpt2"
 TEXT = SHARED / "tinyshakespeare" / "input.txt"
+GSM8K = SHARED / "gsm8k"
 
 _PAT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
 
@@ -94,6 +95,22 @@ def shakespeare_tokens(cache: Path = ROOT / "bench" / ".cache" / "shakespeare_gp
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ids, cache)
     return ids
+
+
+def gsm8k_tokens(split: str = "train") -> Tensor:
+    """GSM8K's worked solutions (the ``answer`` field, each followed by a blank line),
+    concatenated in file order, GPT-2 BPE; cached under bench/.cache/."""
+    cache = ROOT / "bench" / ".cache" / f"gsm8k_{split}_gpt2.pt"
+    if cache.exists():
+        return torch.load(cache)
+    tok = GPT2Tokenizer()
+    ids: list[int] = []
+    for line in (GSM8K / f"{split}.jsonl").read_text().splitlines():
+        ids.extend(tok.encode(json.loads(line)["answer"] + "\n\n"))
+    out = torch.tensor(ids, dtype=torch.long)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cache)
+    return out
 
 
 def windows(tokens: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
