@@ -221,6 +221,21 @@ def _portable_tokenizer(cfg: dict, n: int | None, template: str | None) -> dict:
 GENERATE_POSITIONS = 1024
 
 
+def _position_rows(model, rows: int) -> None:
+    """Give a GPT-2 model (in place) a learned position table of ``rows`` rows: the
+    first rows of the old table, and past its end copies of its last row."""
+    import torch
+
+    w = model.transformer.wpe.weight.detach()
+    keep = min(rows, w.shape[0])
+    new = torch.nn.Embedding(rows, w.shape[1], device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight[:keep] = w[:keep]
+        new.weight[keep:] = w[keep - 1]
+    model.transformer.wpe = new
+    model.config.n_positions = rows
+
+
 def widen_learned_positions(model, upto: int = GENERATE_POSITIONS):
     """A copy of a GPT-2 model whose learned position table runs to ``upto`` rows, the
     rows past the trained ``n_positions`` repeating the last trained one; None when there
@@ -231,24 +246,16 @@ def widen_learned_positions(model, upto: int = GENERATE_POSITIONS):
     the saved generation config says. With the widened table, every position the model
     was trained on gives the same outputs as before (the trained rows are untouched),
     and generation past them goes on with the last trained position's vector instead of
-    failing. The config records the trained count as ``trained_positions``."""
+    failing. The config records the trained count as ``trained_positions`` (what
+    :func:`positions` then reports)."""
     import copy
-
-    import torch
 
     cfg = model.config
     n = getattr(cfg, "n_positions", None)
     if getattr(cfg, "model_type", "") != "gpt2" or not isinstance(n, int) or n >= upto:
         return None
     wide = copy.deepcopy(model)
-    old = wide.transformer.wpe
-    w = old.weight.detach()
-    new = torch.nn.Embedding(upto, w.shape[1], device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight[:n] = w
-        new.weight[n:] = w[n - 1]
-    wide.transformer.wpe = new
-    wide.config.n_positions = upto
+    _position_rows(wide, upto)
     wide.config.trained_positions = n
     return wide
 
@@ -261,32 +268,22 @@ def narrow_learned_positions(model):
     n = getattr(cfg, "trained_positions", None)
     if getattr(cfg, "model_type", "") != "gpt2" or not isinstance(n, int):
         return model
-    import torch
-
-    wpe = model.transformer.wpe
-    if 0 < n < wpe.num_embeddings:
-        new = torch.nn.Embedding(n, wpe.embedding_dim, device=wpe.weight.device,
-                                 dtype=wpe.weight.dtype)  # fmt: skip
-        with torch.no_grad():
-            new.weight.copy_(wpe.weight[:n])
-        model.transformer.wpe = new
-        cfg.n_positions = n
+    if 0 < n < model.transformer.wpe.num_embeddings:
+        _position_rows(model, n)
     del cfg.trained_positions
     return model
 
 
-def save_pretrained(
-    model, out_dir: str | os.PathLike, tokenizer=None, max_length: int | None = None
-) -> Path:
+def save_pretrained(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Save a model (and its tokenizer) with ``save_pretrained`` (safetensors), so that
     plain transformers (4.x and 5.x) loads both: the tokenizer's class is one both know,
-    and its ``model_max_length`` is the model's positions (``max_length`` when given: the
-    positions it was trained on), not transformers' unbounded 1e30, so a pipeline's
+    and its ``model_max_length`` is the model's positions (for a widened model, the ones
+    it was trained on), not transformers' unbounded 1e30, so a pipeline's
     ``truncation=True`` keeps prompts inside the model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    n = max_length or positions(model.config)
+    n = positions(model.config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
         jinja = out / "chat_template.jinja"

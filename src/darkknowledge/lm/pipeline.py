@@ -676,7 +676,7 @@ def save_model(model, tok, folder: Path) -> Path:
     if n and gen is not None:
         gen.max_length = n
     try:
-        return hfio.save_pretrained(m, folder, tok, max_length=n)
+        return hfio.save_pretrained(m, folder, tok)
     finally:
         if gen is not None:
             gen.max_length = before  # the model in memory keeps its own
