@@ -191,3 +191,32 @@ def test_row_groups_give_the_same_store(tmp_path, monkeypatch):
                 assert torch.equal(getattr(a, f), getattr(b, f)), (n, f)
         if n == "topk":  # the tail prior's sum adds the groups up in another order
             assert torch.allclose(whole[n].tail_log_prior, split.tail_log_prior, atol=2e-3)
+
+
+class WholeWindows(HeadLM):
+    """A teacher that refuses anything but whole 40-token windows."""
+
+    def forward(self, x):
+        if x.shape[1] != 40:
+            raise ValueError("this teacher reads 40-token windows")
+        return super().forward(x)
+
+
+def test_the_probe_reads_a_prefix_or_else_a_whole_window(tmp_path):
+    from darkknowledge.store.label import PROBE_POSITIONS
+
+    torch.manual_seed(0)
+    lm = HeadLM(4.0, 0.0)
+    x, ids = torch.randint(0, 50, (4, 40)), torch.arange(4)
+    mask = torch.ones(4, 40, dtype=torch.bool)
+    spec = LabelSpec(signal="topk", k=8, dtype="fp32", shard_size=4, batch_size=2)
+    lengths = []
+    lm.register_forward_pre_hook(lambda _m, a: lengths.append(a[0].shape[1]))
+    a = label(ModuleTeacher(lm), x, ids, tmp_path / "a", spec, mask=mask, progress=False)
+    assert lengths == [PROBE_POSITIONS, 40, 40]  # the probe, then the two batches
+    strict = WholeWindows(4.0, 0.0)
+    strict.load_state_dict(lm.state_dict())
+    b = label(ModuleTeacher(strict), x, ids, tmp_path / "b", spec, mask=mask, progress=False)
+    sa, sb = a.get(ids), b.get(ids)
+    assert torch.equal(sa.topk_ids, sb.topk_ids)
+    assert torch.equal(sa.topk_logprobs, sb.topk_logprobs)
