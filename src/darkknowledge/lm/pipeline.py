@@ -52,6 +52,7 @@ from ..store.label_folder import prepare_label_folder
 from . import models as M
 from .data import (
     IGNORE,
+    ChatExample,
     ChatSet,
     LMBatch,
     TextBlocks,
@@ -359,6 +360,70 @@ def sample_continuations(model, prompts: Tensor, gen_tokens: int, temperature: f
     return out
 
 
+def stop_ids(model, tok) -> list[int]:
+    """The tokens that end a response: the tokenizer's end-of-sequence token and those of
+    the model's generation config (a chat template's end-of-turn token, e.g.)."""
+    ids = [tok.eos_token_id]
+    g = getattr(M.unwrap(model), "generation_config", None)
+    e = getattr(g, "eos_token_id", None)
+    ids += e if isinstance(e, list) else [e]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def sample_responses(
+    model, prompts: list[list[int]], max_new: int, temperature: float, seed: int,
+    stops: list[int],
+) -> list[list[int]]:  # fmt: skip
+    """One sampled response per prompt (prompts of any lengths, generated together,
+    left-padded), each cut after its first stop token (kept) or at ``max_new`` tokens."""
+    width = max(len(p) for p in prompts)
+    eos = stops[0]
+    x = torch.full((len(prompts), width), eos, dtype=torch.long)
+    am = torch.zeros_like(x)
+    for i, p in enumerate(prompts):
+        x[i, width - len(p) :], am[i, width - len(p) :] = torch.tensor(p), 1
+    dev = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = M.unwrap(model).generate(
+            input_ids=x.to(dev),
+            attention_mask=am.to(dev),
+            do_sample=True,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            eos_token_id=stops,
+            pad_token_id=eos,
+        )
+    model.train(was)
+    res = []
+    for row in out[:, width:].tolist():
+        end = next((j for j, i in enumerate(row) if i in stops), None)
+        res.append(row if end is None else row[: end + 1])
+    return res
+
+
+def _prompt_ids(b: LMBatch) -> list[list[int]]:
+    """Each row's prompt: its tokens up to the first one with a label (chat rows)."""
+    first = b.valid.long().argmax(1).tolist()  # position p predicts response token 1
+    return [b.input_ids[i, : p + 1].tolist() for i, p in enumerate(first)]
+
+
+def _chat_on_policy(s: LMBatch, t: LMBatch | None, resp: list[list[int]], pads) -> tuple:
+    """The micro-batch's rows with their responses replaced by the sampled ones: the
+    student's prompt rendering (and the teacher's, when it renders its own) + the same
+    response tokens, labels on those tokens only."""
+
+    def batch(b: LMBatch, pad: int) -> LMBatch:
+        rows = [ChatExample(p + r, len(p)) for p, r in zip(_prompt_ids(b), resp, strict=True)]
+        return collate(rows, pad)
+
+    return batch(s, pads[0]), None if t is None else batch(t, pads[1])
+
+
 def _continuation_batch(seq: Tensor, n_prompt: int) -> LMBatch:
     x, y = seq[:, :-1], seq[:, 1:].clone()
     y[:, : n_prompt - 1] = IGNORE
@@ -455,14 +520,23 @@ class LMTask:
             # same seed would repeat samples), so on-policy steps differ from one process
             rank_seed = 0 if self.world == 1 else 7_919_993 * (self.rank + 1)
             with self._gathered():
-                for m, (b, _) in enumerate(batches):
+                for m, (b, t) in enumerate(batches):
+                    seed = cfg.seed * 1_000_003 + step * 17 + m + rank_seed
+                    if self.data.chat:  # the rows' prompts, a sampled response each
+                        resp = sample_responses(
+                            self.model, _prompt_ids(b), d.gen_tokens, d.sample_temperature,
+                            seed, stop_ids(self.model, self.tok),
+                        )  # fmt: skip
+                        pads = (self.data.s_pad, self.data.t_pad)
+                        new.append(_chat_on_policy(b, t, resp, pads))
+                        continue
                     prompts = b.input_ids[:, : d.prompt_tokens].to(self.dev)
                     seq = sample_continuations(
                         self.model,
                         prompts,
                         d.gen_tokens,
                         d.sample_temperature,
-                        seed=cfg.seed * 1_000_003 + step * 17 + m + rank_seed,
+                        seed=seed,
                     )
                     new.append((_continuation_batch(seq.cpu(), d.prompt_tokens), None))
             batches = new

@@ -231,6 +231,8 @@ class DistillSpec(Strict):
     """``none``: plain CE (the baseline); ``token``: token-level KD on the data;
     ``gkd``: a fraction ``lmbda`` of the batches are student-sampled continuations scored
     by the teacher (Agarwal et al. 2024), β (``loss.beta``, kind jsd) picks the divergence;
+    on text data the prompts are the first ``prompt_tokens`` of blocks, on chat rows the
+    rows' prompts (their responses replaced by the student's samples);
     ``seqkd``: CE on teacher-generated text (Kim & Rush 2016)."""
 
     mode: Literal["none", "token", "gkd", "seqkd"] = "token"
@@ -238,7 +240,9 @@ class DistillSpec(Strict):
     chunk: PosInt = 1024  # token positions per LM-head chunk
     lmbda: Fraction = 0.5  # gkd: fraction of on-policy batches
     prompt_tokens: PosInt = 16  # gkd/seqkd on text data: prompt length taken from a block
-    gen_tokens: PosInt = 48  # gkd/seqkd: tokens sampled per continuation
+    # gkd/seqkd: tokens sampled per continuation (gkd on chat rows: the most a sampled
+    # response has; it ends at the first end-of-sequence token)
+    gen_tokens: PosInt = 48
     sample_temperature: Temperature = 1.0
     seqkd_sequences: PosInt = 2048  # seqkd: teacher continuations generated once
 
@@ -343,8 +347,6 @@ class LMRecipe(Strict):
                 "distill.mode 'seqkd' samples text from one teacher model; an ensemble "
                 "teaches through its distributions (mode token or gkd)"
             )
-        if mode == "gkd" and not isinstance(self.data, TextData):
-            raise ValueError("distill.mode 'gkd' runs on text data in this version")
         if mode == "seqkd" and not isinstance(self.data, TextData):
             raise ValueError("distill.mode 'seqkd' runs on text data in this version")
         if isinstance(self.data, TextData) and mode in ("gkd", "seqkd"):
