@@ -202,3 +202,39 @@ def test_chat_sft(tmp_path: Path):
     rf.write_text(yaml.safe_dump(r))
     plan = _plan(14, teacher_steps=None, student_ckpts=2, ckpt_every=3)
     _kill_and_resume(rf, tmp_path, plan, "student/model/model.safetensors")
+
+
+def test_chat_gkd_on_policy(tmp_path: Path):
+    """On-policy distillation on chat rows (the reasoning experiment's on-policy stage):
+    every step samples the student's answers to the rows' prompts, the teacher scores
+    them; killed and resumed, the samples and weights are those of an unbroken run."""
+    from darkknowledge.hf import io as hfio
+
+    rows = [
+        {"prompt": f"What is {a}+{b}?", "response": f"{a + b}."} for a in range(6) for b in range(4)
+    ]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = hfio.char_tokenizer("".join(r["prompt"] + r["response"] for r in rows) + "<>usertan\n")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    for name, seed in (("student", 0), ("teacher", 1)):
+        m = hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=seed, vocab_size=len(tok),
+                            n_layer=1, n_embd=16, n_head=2, resid_pdrop=0.1)  # fmt: skip
+        hfio.save_pretrained(m, tmp_path / name, tok)
+    r = {
+        "family": "causal_lm",
+        "data": {"kind": "chat", "train": str(f), "val_fraction": 0.2, "max_length": 48},
+        "teacher": {"model": {"path": str(tmp_path / "teacher")}},
+        "student": {"model": {"path": str(tmp_path / "student")}},
+        "train": {"steps": 8, "batch_size": 4, "warmup": 2, "eval_every": 4, "checkpoint_every": 3},
+        "distill": {"mode": "gkd", "lmbda": 1.0, "gen_tokens": 6, "loss": {"kind": "reverse_kl"}},
+    }
+    rf = tmp_path / "gkd.yaml"
+    rf.write_text(yaml.safe_dump(r))
+    plan = _plan(16, teacher_steps=None, student_ckpts=2, ckpt_every=3)
+    _kill_and_resume(rf, tmp_path, plan, "student/model/model.safetensors")
+    res = json.loads((tmp_path / "killed" / "student" / "result.json").read_text())
+    assert res["on_policy_steps"] == 8
