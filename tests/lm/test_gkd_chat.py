@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from darkknowledge.blackbox.chains import write_splits
+from darkknowledge.errors import DKError
 from darkknowledge.families import validate_family
 from darkknowledge.hf.io import build_tiny, load_tokenizer
 from darkknowledge.lm import pipeline as P
@@ -44,6 +45,13 @@ def test_left_padded_sampling_is_each_prompt_alone(chains, kind, cfg):
     # sampled at temperature 1 with one seed: reproducible, and not the greedy answers
     a = P.sample_responses(model, prompts, 20, 1.0, 3, stops)
     assert a == P.sample_responses(model, prompts, 20, 1.0, 3, stops) and a != together
+    # within the model's 128 positions: a long prompt's response is cut there, a prompt
+    # that fills them is refused with one line
+    long = prompts[0] * 10
+    assert 108 < len(long) < 128
+    assert len(P.sample_responses(model, [long], 20, 1.0, 0, [-1])[0]) == 128 - len(long)
+    with pytest.raises(DKError, match="no room"):
+        P.sample_responses(model, [long * 2], 20, 1.0, 0, stops)
 
 
 def test_gkd_on_chat_rows_trains_on_the_students_answers(chains, tmp_path, monkeypatch):

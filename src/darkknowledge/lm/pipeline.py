@@ -377,6 +377,15 @@ def sample_responses(
     """One sampled response per prompt (prompts of any lengths, generated together,
     left-padded), each cut after its first stop token (kept) or at ``max_new`` tokens."""
     width = max(len(p) for p in prompts)
+    cfg = M.unwrap(model).config
+    ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if ctx:  # within the model's positions, prompt included
+        if width >= ctx:
+            raise DKError(
+                f"gkd: a prompt of {width} tokens leaves no room in the student's "
+                f"{ctx} positions for a response; lower data.max_length"
+            )
+        max_new = min(max_new, ctx - width)
     eos = stops[0]
     x = torch.full((len(prompts), width), eos, dtype=torch.long)
     am = torch.zeros_like(x)
