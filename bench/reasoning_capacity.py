@@ -86,18 +86,16 @@ def dk(args: list[str], log: Path) -> dict:
     return {"cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1)}
 
 
-def run_arm(name: str, out: Path) -> None:
-    _, recipe, overrides = ARMS[name]
-    run = out / name
-    log, cpu_log = out / f"{name}.log", out / f"{name}.cpu.jsonl"
-    lock = out / f"{name}.lock"
-    try:  # one process per arm: several bench processes can share the list of arms
+def locked(lock: Path, fn) -> None:
+    """Run ``fn`` unless a live process holds ``lock`` (one process per run: several
+    bench processes can share a list of runs); a lock left by a killed one is taken."""
+    try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        pid = int(lock.read_text() or 0)
         try:
+            pid = int(lock.read_text() or 0)
             os.kill(pid, 0)
-            print(f"{name}: running in process {pid}; skipped", flush=True)
+            print(f"{lock.stem}: running in process {pid}; skipped", flush=True)
             return
         except (ProcessLookupError, ValueError):
             lock.unlink()  # left by a killed process
@@ -105,9 +103,16 @@ def run_arm(name: str, out: Path) -> None:
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     try:
-        _run_stages(name, recipe, overrides, run, log, cpu_log)
+        fn()
     finally:
         lock.unlink(missing_ok=True)
+
+
+def run_arm(name: str, out: Path) -> None:
+    _, recipe, overrides = ARMS[name]
+    run = out / name
+    log, cpu_log = out / f"{name}.log", out / f"{name}.cpu.jsonl"
+    locked(out / f"{name}.lock", lambda: _run_stages(name, recipe, overrides, run, log, cpu_log))
 
 
 def _run_stages(name, recipe, overrides, run: Path, log: Path, cpu_log: Path) -> None:

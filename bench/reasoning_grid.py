@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reasoning_capacity import EVAL, dk
+from reasoning_capacity import EVAL, dk, locked
 
 ROOT = Path(__file__).resolve().parents[1]
 R = ROOT / "runs" / "reasoning"
@@ -97,27 +96,6 @@ def phase_data() -> dict:
     return info
 
 
-def _locked(name: str, fn) -> None:
-    """Run ``fn`` unless another live process holds ``name``'s lock."""
-    lock = STUDENTS / f"{name}.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            os.kill(int(lock.read_text() or 0), 0)
-            print(f"{name}: running in another process; skipped", flush=True)
-            return
-        except (ProcessLookupError, ValueError):
-            lock.unlink()  # left by a killed process
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        fn()
-    finally:
-        lock.unlink(missing_ok=True)
-
-
 def _record(name: str, stage: str, t: dict) -> None:
     with open(STUDENTS / f"{name}.cpu.jsonl", "a") as f:
         f.write(json.dumps({"stage": stage, **t}) + "\n")
@@ -165,7 +143,7 @@ def run_student(arm: str, seed: int) -> None:
             _record(name, "eval_test", dk(args, log))
         print(f"[{time.strftime('%H:%M:%S')}] {name} done", flush=True)
 
-    _locked(name, stages)
+    locked(STUDENTS / f"{name}.lock", stages)
 
 
 def phase_store() -> None:

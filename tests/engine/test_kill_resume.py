@@ -175,19 +175,28 @@ def test_causal_lm_gkd_with_sampling(tmp_path: Path):
     assert res["on_policy_steps"] == 8  # counted across the kills, every step sampled
 
 
-def test_chat_sft(tmp_path: Path):
+def _chat_rows(tmp: Path):
+    """24 prompt/response rows in a JSONL file and a character tokenizer with a chat
+    template for them."""
     from darkknowledge.hf import io as hfio
 
     rows = [
         {"prompt": f"What is {a}+{b}?", "response": f"{a + b}."} for a in range(6) for b in range(4)
     ]
-    f = tmp_path / "chat.jsonl"
+    f = tmp / "chat.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     tok = hfio.char_tokenizer("".join(r["prompt"] + r["response"] for r in rows) + "<>usertan\n")
     tok.chat_template = (
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
+    return f, tok
+
+
+def test_chat_sft(tmp_path: Path):
+    from darkknowledge.hf import io as hfio
+
+    f, tok = _chat_rows(tmp_path)
     m = hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", vocab_size=len(tok), n_layer=1,
                         n_embd=16, n_head=2, resid_pdrop=0.1)  # fmt: skip
     hfio.save_pretrained(m, tmp_path / "base", tok)
@@ -210,16 +219,7 @@ def test_chat_gkd_on_policy(tmp_path: Path):
     them; killed and resumed, the samples and weights are those of an unbroken run."""
     from darkknowledge.hf import io as hfio
 
-    rows = [
-        {"prompt": f"What is {a}+{b}?", "response": f"{a + b}."} for a in range(6) for b in range(4)
-    ]
-    f = tmp_path / "chat.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    tok = hfio.char_tokenizer("".join(r["prompt"] + r["response"] for r in rows) + "<>usertan\n")
-    tok.chat_template = (
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
+    f, tok = _chat_rows(tmp_path)
     for name, seed in (("student", 0), ("teacher", 1)):
         m = hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=seed, vocab_size=len(tok),
                             n_layer=1, n_embd=16, n_head=2, resid_pdrop=0.1)  # fmt: skip
