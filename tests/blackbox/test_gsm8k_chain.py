@@ -151,3 +151,10 @@ def test_gsm8k_chain_end_to_end_and_every_stage_resumes_after_sigkill(tmp_path, 
     first = capsys.readouterr().out
     assert main(ev) == 0
     assert capsys.readouterr().out == first and "pass@1" in first
+    # killed after scoring, before writing: no result file; the rerun writes the bytes of
+    # an uninterrupted run
+    out_k = tmp_path / "eval_k.json"
+    _killed([*ev, "--out", str(out_k)], "eval_model@1", tmp_path)
+    assert not out_k.exists()
+    assert main([*ev, "--out", str(out_k)]) == 0
+    assert out_k.read_bytes() == (tmp_path / "run" / "student" / "model" / "eval.json").read_bytes()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .. import faults
 from ..errors import DKError
 from ..store.format import atomic_write_bytes
 from .sft import _collate, encode_pair, evaluate, response_loss
@@ -126,6 +127,7 @@ def eval_models(
             "greedy": greedy["pass@1"],
             "loss": heldout_loss(model, tok, rows),
         }
+        faults.point("eval_model")  # tests: a kill here leaves no result; a rerun redoes it
     ms = list(out["models"].values())
     if len(ms) > 1:
         out["mean"] = {
