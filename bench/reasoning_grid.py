@@ -21,7 +21,8 @@ several processes can share the work (one lock per run).
 
     OMP_NUM_THREADS=1 nice -n 15 python bench/reasoning_grid.py            # everything
     python bench/reasoning_grid.py --arms verified unverified --seeds 0 1  # some runs
-    python bench/reasoning_grid.py --table --json docs/results/reasoning_grid.json
+    python bench/reasoning_grid.py --table --json docs/results/reasoning_grid.json \
+        --recipes docs/results/reasoning_recipes
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import time
@@ -243,12 +245,29 @@ def table(s: dict) -> str:
     return "\n".join(lines)
 
 
+def write_recipes(folder: Path) -> list[str]:
+    """Each arm's resolved recipe (its seed-0 run's ``config.yaml``), paths relative to
+    the repository, into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = []
+    for arm in ARMS:
+        f = STUDENTS / f"{arm}_s0" / "config.yaml"
+        if f.exists():
+            # absolute paths (of whichever checkout ran it) → relative to the repository
+            text = re.sub(r"/[^\s:]*?/recipes/reasoning/\.\./\.\./", "", f.read_text())
+            text = re.sub(r"/[^\s:]*?/(runs/reasoning/)", r"\1", text)
+            (folder / f"{arm}.yaml").write_text(text)
+            done.append(arm)
+    return done
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", nargs="*", default=list(ARMS), help=", ".join(ARMS))
     p.add_argument("--seeds", nargs="*", type=int, default=SEEDS)
     p.add_argument("--table", action="store_true", help="run nothing; tabulate what is done")
     p.add_argument("--json", help="write the summary here")
+    p.add_argument("--recipes", help="write each arm's resolved recipe into this folder")
     a = p.parse_args()
     if not a.table:
         STUDENTS.mkdir(parents=True, exist_ok=True)
@@ -275,6 +294,8 @@ def main() -> None:
     print(table(s))
     if a.json:
         Path(a.json).write_text(json.dumps(s, indent=1) + "\n")
+    if a.recipes:
+        print("resolved recipes:", ", ".join(write_recipes(Path(a.recipes))))
 
 
 if __name__ == "__main__":
