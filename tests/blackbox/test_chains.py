@@ -89,7 +89,15 @@ def test_shipped_recipes_validate_on_the_written_splits(tmp_path):
     src = Path(__file__).resolve().parents[2] / "recipes" / "reasoning"
     dst = tmp_path / "recipes" / "reasoning"
     shutil.copytree(src, dst)
-    write_splits(tmp_path / "runs" / "reasoning" / "data", 0, SMALL)
+    runs = tmp_path / "runs" / "reasoning"
+    write_splits(runs / "data", 0, SMALL)
+    # what the later stages write (generate, the arms' rows, from-api, trained models):
+    # the distillation rows and empty folders stand in for them here
+    for f in ("generate/sft.jsonl", "arms/unverified.jsonl", "arms/verified_answers.jsonl"):
+        (runs / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(runs / "data" / "distill.jsonl", runs / f)
+    for d in ("store", "teacher/student/model", "students/verified_s0/student/model"):
+        (runs / d).mkdir(parents=True)
     names = sorted(p.name for p in dst.glob("*.yaml"))
     assert {"student_gold.yaml", "student_answers.yaml", "teacher_gold.yaml",
             "generate.yaml"} <= set(names)  # fmt: skip
