@@ -171,7 +171,9 @@ def interval(xs: list[float]) -> dict:
     if len(xs) < 2:
         return {"mean": m, "n": len(xs)}
     half = _t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return {"mean": m, "sd": statistics.stdev(xs), "lo": m - half, "hi": m + half, "n": len(xs)}
+    # a share of problems: the interval clipped to [0, 1]
+    return {"mean": m, "sd": statistics.stdev(xs), "lo": max(0.0, m - half),
+            "hi": min(1.0, m + half), "n": len(xs)}  # fmt: skip
 
 
 def paired_bootstrap(a: list[float], b: list[float], reps: int = 10_000) -> dict:
