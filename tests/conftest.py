@@ -18,6 +18,29 @@ def mnist_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def reasoning_recipes(tmp_path_factory) -> Path:
+    """recipes/reasoning copied into a tree of the repository's shape whose
+    runs/reasoning holds small seeded splits (the recipes' relative paths resolve there)
+    and, for what the experiment's later stages write (generated rows, the arms' rows,
+    the log-prob store, trained models), the distillation rows and empty folders."""
+    import shutil
+
+    from darkknowledge.blackbox.chains import write_splits
+
+    tree = tmp_path_factory.mktemp("reasoning_tree")
+    dst = tree / "recipes" / "reasoning"
+    shutil.copytree(ROOT / "recipes" / "reasoning", dst)
+    runs = tree / "runs" / "reasoning"
+    write_splits(runs / "data", 0, {"teacher_train": 300, "distill": 200, "dev": 50, "test": 500})
+    for f in ("generate/sft.jsonl", "arms/unverified.jsonl", "arms/verified_answers.jsonl"):
+        (runs / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(runs / "data" / "distill.jsonl", runs / f)
+    for d in ("store", "teacher/student/model", "students/verified_s0/student/model"):
+        (runs / d).mkdir(parents=True)
+    return dst
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for a test: on a shared 2-core machine a second thread mostly waits."""

@@ -14,41 +14,13 @@ def test_recipes_exist():
     assert len(RECIPES) > 0
 
 
-def _later_stages(path: Path, tmp: Path) -> list[str]:
-    """Overrides for the reasoning recipes whose inputs the experiment's later stages write
-    (the generated traces, the arms' rows, the log-prob store, trained models) while they
-    are absent: the distillation split's rows and an empty folder stand in for them, so
-    everything else in the recipe is still validated."""
-    from darkknowledge.recipe_io import read_recipe
-
-    data, out = read_recipe(path), []
-    keys = ("data.train", "teacher.path", "teacher.model.path", "student.model.path")
-    for key in keys:
-        v = data
-        for part in key.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        if isinstance(v, str) and not (path.parent / v).exists():
-            assert "runs/reasoning/" in v, f"{key}: {v} is not a later stage's output"
-            stand_in = ROOT / "runs/reasoning/data/distill.jsonl" if key == "data.train" else tmp
-            out.append(f"{key}={stand_in}")
-    return out
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
-def test_recipe_validates(path, tmp_path):
+def test_recipe_validates(path, request):
     if "fashion" in path.name and not Path("/usr/share/datasets/fashion-mnist").exists():
         pytest.skip("Debian package dataset-fashion-mnist not installed")
-    if (
-        path.parent.name == "reasoning"
-        and not (ROOT / "runs/reasoning/data/manifest.json").exists()
-    ):
-        # the splits the recipes read, as `python -m darkknowledge.blackbox.chains
-        # runs/reasoning/data` writes them (seeded: the same bytes every time; ~3 s)
-        from darkknowledge.blackbox.chains import write_splits
-
-        write_splits(ROOT / "runs/reasoning/data")
-    overrides = _later_stages(path, tmp_path) if path.parent.name == "reasoning" else []
-    family, recipe, _ = load_family_recipe(path, overrides)
+    if path.parent.name == "reasoning":  # the splits and later stages' outputs they read
+        path = request.getfixturevalue("reasoning_recipes") / path.name
+    family, recipe, _ = load_family_recipe(path)
     assert family != "classify" or recipe.student is not None
 
 

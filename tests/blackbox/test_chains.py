@@ -78,26 +78,13 @@ def test_written_files_are_reproducible_and_readable(tmp_path):
     assert tok.unk_token_id not in ids and tok.decode(ids) == p + r
 
 
-def test_shipped_recipes_validate_on_the_written_splits(tmp_path):
+def test_shipped_recipes_validate_on_the_written_splits(reasoning_recipes):
     """recipes/reasoning/*.yaml read runs/reasoning/data (relative paths): copied into a
-    tree of the same shape over small splits, every one validates."""
-    import shutil
-    from pathlib import Path
-
+    tree of the same shape over small splits (the ``reasoning_recipes`` fixture), every
+    one validates."""
     from darkknowledge.families import load_family_recipe
 
-    src = Path(__file__).resolve().parents[2] / "recipes" / "reasoning"
-    dst = tmp_path / "recipes" / "reasoning"
-    shutil.copytree(src, dst)
-    runs = tmp_path / "runs" / "reasoning"
-    write_splits(runs / "data", 0, SMALL)
-    # what the later stages write (generate, the arms' rows, from-api, trained models):
-    # the distillation rows and empty folders stand in for them here
-    for f in ("generate/sft.jsonl", "arms/unverified.jsonl", "arms/verified_answers.jsonl"):
-        (runs / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(runs / "data" / "distill.jsonl", runs / f)
-    for d in ("store", "teacher/student/model", "students/verified_s0/student/model"):
-        (runs / d).mkdir(parents=True)
+    dst = reasoning_recipes
     names = sorted(p.name for p in dst.glob("*.yaml"))
     assert {"student_gold.yaml", "student_answers.yaml", "teacher_gold.yaml",
             "generate.yaml"} <= set(names)  # fmt: skip
