@@ -377,8 +377,7 @@ def sample_responses(
     """One sampled response per prompt (prompts of any lengths, generated together,
     left-padded), each cut after its first stop token (kept) or at ``max_new`` tokens."""
     width = max(len(p) for p in prompts)
-    cfg = M.unwrap(model).config
-    ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    ctx = hfio.positions(M.unwrap(model).config)
     if ctx:  # within the model's positions, prompt included
         if width >= ctx:
             raise DKError(

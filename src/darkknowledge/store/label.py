@@ -224,10 +224,16 @@ def label(
 
     # One batch first: it gives V (to validate k) and checks the teacher's output shape;
     # the inputs its linear layers saw let the output layer be checked without another run
+    # For token sequences, only the first window's first PROBE_POSITIONS (a causal teacher's
+    # logits there are those of the whole window; the probe and the output layer's check
+    # are a fixed cost of every store), unless the teacher refuses a prefix
+    prefix = task == "sequence" and x.dim() == 2 and x.shape[1] > PROBE_POSITIONS
     try:
-        probe, seen = _probe(teacher, _probe_batch(x, ids, task))
+        probe, seen = _probe(
+            teacher, Batch(x[:1, :PROBE_POSITIONS] if prefix else x[:1], None, ids[:1])
+        )
     except Exception:  # a teacher that needs whole windows: probe with the first one
-        if task != "sequence" or x.dim() != 2 or x.shape[1] <= PROBE_POSITIONS:
+        if not prefix:
             raise
         probe, seen = _probe(teacher, Batch(x[:1], None, ids[:1]))
     if probe is None:
@@ -649,16 +655,6 @@ def _find_head(teacher: Teacher, name: str | None, vocab: int) -> tuple[str, nn.
 
 
 PROBE_POSITIONS = 16  # token sequences: the probe reads the first window's first 16
-
-
-def _probe_batch(x: Tensor, ids: Tensor, task: str) -> Batch:
-    """The first example; for token sequences only its first :data:`PROBE_POSITIONS`
-    positions (a causal teacher's logits there are those of the whole window, and the
-    probe's forward and output-layer check then cost ~1/4 as much for a 64-token window:
-    a fixed cost of every store)."""
-    if task == "sequence" and x.dim() == 2 and x.shape[1] > PROBE_POSITIONS:
-        return Batch(x[:1, :PROBE_POSITIONS], None, ids[:1])
-    return Batch(x[:1], None, ids[:1])
 
 
 def _probe(teacher: Teacher, batch: Batch) -> tuple[Tensor | None, dict[nn.Module, Tensor]]:
