@@ -194,6 +194,7 @@ def _eval_run_dir(run: Path, out: str | None = None) -> bool:
     """``dk eval`` of a classify or text run folder (False: not one of those)."""
     import json
 
+    from .blackbox.evaluate import eval_target
     from .families import evaluator, validate_family
     from .recipe_io import read_yaml
     from .report import run_family
@@ -209,10 +210,8 @@ def _eval_run_dir(run: Path, out: str | None = None) -> bool:
     if fam != "classify":
         data = {"family": fam, **{k: v for k, v in data.items() if k != "family"}}
     _, recipe = validate_family(data, base_dir=run, source=str(run / "config.yaml"))
+    target = eval_target(run, out)
     res = fn(recipe, run)
-    target = Path(out) if out else run / "eval.json"
-    if not target.parent.is_dir():
-        raise DKError(f"--out {target}: no such folder {target.parent}")
     atomic_write_bytes(target, json.dumps(res, indent=2).encode())
     keys = [k for k in next(iter(res["models"].values())) if k != "model"]
     print(f"{'model':<24}" + "".join(f"{k:>14}" for k in keys))
@@ -495,7 +494,7 @@ def _dispatch_one(args) -> int:
         print(f"\nreport: {Path(args.run_dir) / 'report.md'}")
         return 0
     if args.cmd == "eval":
-        from .blackbox.evaluate import eval_models, format_eval
+        from .blackbox.evaluate import eval_models, eval_target, format_eval
 
         if _eval_run_dir(Path(args.path), args.out):
             return 0
@@ -511,7 +510,7 @@ def _dispatch_one(args) -> int:
             limit=args.limit, seed=args.seed, out_file=args.out,
         )  # fmt: skip
         print(format_eval(res))
-        print(f"\neval: {args.out or Path(args.path) / 'eval.json'}")
+        print(f"\neval: {eval_target(args.path, args.out)}")
         return 0
     if args.cmd == "demo":
         from .demo import run_demo

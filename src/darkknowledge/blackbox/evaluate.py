@@ -107,6 +107,7 @@ def eval_models(
 
     if k < 1 or max_new_tokens < 1 or not (0.0 < temperature <= 2.0):
         raise DKError("--k and --max-new-tokens must be ≥ 1, --temperature in (0, 2]")
+    target = eval_target(path, out_file)
     verify = build_verifier(verifier, verifier_params)
     rows = read_rows(data, prompt_key, answer_key, template, limit)
     out = {"data": str(data), "prompts": len(rows), "verifier": verifier, "k": k,
@@ -137,11 +138,17 @@ def eval_models(
             }
             for m in ("pass@1", "maj@k", "greedy", "loss")
         }
-    target = Path(out_file) if out_file is not None else Path(path) / "eval.json"
-    if not target.parent.is_dir():
-        raise DKError(f"--out {target}: no such folder {target.parent}")
     atomic_write_bytes(target, json.dumps(out, indent=2).encode())
     return out
+
+
+def eval_target(folder: str | Path, out: str | Path | None) -> Path:
+    """Where ``dk eval`` writes its result: ``out``, else ``folder/eval.json``; one line
+    when its folder does not exist (checked before any scoring)."""
+    target = Path(out) if out else Path(folder) / "eval.json"
+    if not target.parent.is_dir():
+        raise DKError(f"--out {target}: no such folder {target.parent}")
+    return target
 
 
 def format_eval(res: dict) -> str:
