@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from darkknowledge.store.format import atomic_write_bytes
 from reasoning_capacity import EVAL, dk, locked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +71,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def phase_data() -> dict:

@@ -28,6 +28,7 @@ import random
 from pathlib import Path
 
 from ..errors import DKError
+from ..store.format import atomic_write_bytes
 
 SPLITS = ("teacher_train", "distill", "dev", "test")
 SIZES = {"teacher_train": 20000, "distill": 8000, "dev": 500, "test": 1000}
@@ -106,11 +107,9 @@ def answers_only(r: dict) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return hashlib.sha256(text.encode()).hexdigest()
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_splits(out: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict:
