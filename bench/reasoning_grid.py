@@ -123,9 +123,11 @@ def continued_steps(seed: int) -> int:
     """SFT steps taking the on-policy run's training CPU time, at the verified run's CPU
     per step (the same rows, batch and model)."""
     on = _cpu(f"onpolicy_s{seed}", "train")
-    per_step = _cpu(f"verified_s{seed}", "train") / 6000
-    if on <= 0 or per_step <= 0:
+    report = STUDENTS / f"verified_s{seed}" / "report.json"
+    if on <= 0 or not report.exists():
         raise SystemExit(f"seed {seed}: the on-policy and verified runs must finish first")
+    (st,) = json.loads(report.read_text())["students"].values()  # its steps, as trained
+    per_step = _cpu(f"verified_s{seed}", "train") / st["steps"]
     return max(1, round(on / per_step))
 
 
