@@ -1,4 +1,10 @@
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,3 +56,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _teacher_process(model_dir: Path, name: str):
+    """``dk serve-teacher MODEL_DIR`` in its own process on a free loopback port, until
+    it answers ``GET /models``: its base URL (the process is killed on exit)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "darkknowledge", "serve-teacher", str(model_dir),
+           "--port", str(port), "--model-name", name, "-q"]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/models", timeout=1).read()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-2000:]
+                assert time.monotonic() < deadline, "dk serve-teacher did not start"
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def teacher_process():
+    """``with teacher_process(MODEL_DIR, NAME) as url``: `dk serve-teacher` served from
+    its own process (a real server, as users run it)."""
+    return _teacher_process

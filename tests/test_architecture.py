@@ -78,6 +78,7 @@ FAMILY_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
     ("blackbox.*", "hf.io"): "serve-teacher and the experiment load local LMs through hf.io",
     ("pipeline", "train"): "the classify family is two modules: its runner and its engine task",
     ("lm.pipeline", "blackbox.evaluate"): "a causal_lm recipe's eval.sampled is dk eval",
+    ("lm.*", "blackbox.echo"): "a causal_lm recipe's teacher kind api is scored through echo",
 }
 
 # (importer module, imported module) that break the rules today. Removed by the engine

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,12 +41,6 @@ def _teacher(d: Path) -> Path:
     return save_pretrained(model, d, tok)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _killed(args: list[str], at: str, cwd: Path) -> None:
     """Run a dk command in its own process that SIGKILLs itself at ``at``."""
     env = dict(os.environ, DK_KILL_AT=at)
@@ -70,25 +61,11 @@ def _results(folder: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def test_gsm8k_chain_end_to_end_and_every_stage_resumes_after_sigkill(tmp_path, capsys):
+def test_gsm8k_chain_end_to_end_and_every_stage_resumes_after_sigkill(
+    tmp_path, capsys, teacher_process
+):
     teacher = _teacher(tmp_path / "teacher")
-    port = _free_port()
-    server = subprocess.Popen(
-        [*DK, "serve-teacher", str(teacher), "--port", str(port), "--model-name", "tiny", "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/models", timeout=1).read()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-2000:]
-                assert time.monotonic() < deadline, "dk serve-teacher did not start"
-                time.sleep(0.2)
-
+    with teacher_process(teacher, "tiny") as url:
         # 1. generate: the shipped recipe, pointed at the local teacher
         over = [f"teacher.base_url={url}", "teacher.model=tiny", "prompts.limit=4",
                 "sampling.n=2", "sampling.max_tokens=12", "sampling.top_logprobs=5",
@@ -102,9 +79,6 @@ def test_gsm8k_chain_end_to_end_and_every_stage_resumes_after_sigkill(tmp_path, 
         sft = (tmp_path / "gen" / "sft.jsonl").read_text()
         assert (tmp_path / "gen_k" / "sft.jsonl").read_text() == sft
         assert len(sft.splitlines()) == 8  # 4 problems × 2 samples, all kept
-    finally:
-        server.kill()
-        server.wait()
 
     # 2. the teacher's top-5 log-probs on its samples → a store keyed by prompt and sample
     api = ["store", "from-api", str(tmp_path / "gen" / "results.jsonl"),

@@ -238,3 +238,82 @@ def test_chat_gkd_on_policy(tmp_path: Path):
     _kill_and_resume(rf, tmp_path, plan, "student/model/model.safetensors")
     res = json.loads((tmp_path / "killed" / "student" / "result.json").read_text())
     assert res["on_policy_steps"] == 8
+
+
+def test_chat_gkd_served_teacher(tmp_path: Path, teacher_process):
+    """On-policy distillation with the teacher served (`dk serve-teacher` in its own
+    process) and every sampled token scored through completions echo: the scores are the
+    in-process teacher's top K, the loss its top-K bucket loss; a tokenizer that differs
+    is refused; killed and resumed, the weights are those of an unbroken run."""
+    from darkknowledge.blackbox.echo import EchoScorer, batch_target
+    from darkknowledge.errors import DKError
+    from darkknowledge.hf import io as hfio
+    from darkknowledge.lm.data import IGNORE, LMBatch
+    from darkknowledge.lm.losses import TokenLoss, chunked_head_loss
+
+    f, tok = _chat_rows(tmp_path)
+    for name, seed in (("student", 0), ("teacher", 1)):
+        m = hfio.build_tiny("tiny-gpt2", "AutoModelForCausalLM", seed=seed, vocab_size=len(tok),
+                            n_layer=1, n_embd=16, n_head=2, resid_pdrop=0.1)  # fmt: skip
+        hfio.save_pretrained(m, tmp_path / name, tok)
+    k = 8
+    with teacher_process(tmp_path / "teacher", "tiny") as url:
+        # 1. the served scores at a right-padded batch's labelled positions
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, len(tok), (3, 12), generator=g)
+        am = torch.ones_like(x)
+        am[1, 7:] = 0  # a shorter row, padded
+        y = torch.cat([x[:, 1:], torch.randint(0, len(tok), (3, 1), generator=g)], 1)
+        y[:, :4] = IGNORE  # the prompt
+        y[am == 0] = IGNORE
+        b = LMBatch(x, am, y)
+        ids, lps, tail = batch_target(EchoScorer([url], "tiny", tok, k), x, y, b.valid)
+        teacher = hfio.load_model(tmp_path / "teacher", "AutoModelForCausalLM").eval()
+        with torch.no_grad():
+            t_lp = torch.log_softmax(teacher(input_ids=x, attention_mask=am).logits, -1)
+        want_lp, want_ids = t_lp[b.valid].topk(k, -1)
+        assert ids.shape == (int(b.valid.sum()), k) == (8 + 3 + 8, k)
+        assert torch.equal(ids, want_ids)
+        assert torch.allclose(lps, want_lp, atol=1e-5)
+        assert torch.allclose(tail, 1 - want_lp.exp().sum(-1), atol=1e-5)
+        assert bool((tail > 0).all())
+        student = hfio.load_model(tmp_path / "student", "AutoModelForCausalLM")
+        h = student.transformer(input_ids=x, attention_mask=am).last_hidden_state[b.valid]
+        spec = TokenLoss("reverse_kl", 1.0, kd_weight=1.0, ce_weight=0.0)
+        head = (student.lm_head.weight, None)
+        served = chunked_head_loss(h, *head, spec, teacher=lambda lo, hi: (
+            ids[lo:hi], lps[lo:hi], tail[lo:hi]), normalizer=len(h))  # fmt: skip
+        want_tail = 1 - want_lp.exp().sum(-1)
+        local = chunked_head_loss(h, *head, spec, teacher=lambda lo, hi: (
+            want_ids[lo:hi], want_lp[lo:hi], want_tail[lo:hi]), normalizer=len(h))  # fmt: skip
+        served, local = float(served.detach()), float(local.detach())
+        assert served > 1e-3 and abs(served - local) < 1e-5
+        # a student whose tokenizer is not the served model's: one line, before any step
+        other = hfio.char_tokenizer("".join(reversed(sorted(set(tok.decode(range(len(tok))))))))
+        with pytest.raises(DKError, match="must use the student's tokenizer"):
+            batch_target(EchoScorer([url], "tiny", other, k), x, y, b.valid)
+
+        # 2. dk run with the served teacher, killed and resumed
+        r = {
+            "family": "causal_lm",
+            "data": {"kind": "chat", "train": str(f), "val_fraction": 0.2, "max_length": 48},
+            "teacher": {"kind": "api", "base_url": url, "model": "tiny", "top_logprobs": k},
+            "student": {"model": {"path": str(tmp_path / "student")}},
+            "train": {"steps": 6, "batch_size": 4, "warmup": 2, "eval_every": 3,
+                      "checkpoint_every": 3, "log_every": 1},
+            "distill": {"mode": "gkd", "lmbda": 1.0, "gen_tokens": 6,
+                        "loss": {"kind": "reverse_kl"}},
+        }  # fmt: skip
+        rf = tmp_path / "served.yaml"
+        rf.write_text(yaml.safe_dump(r))
+        _kill_and_resume(
+            rf, tmp_path, ["checkpoint@1", "step@2"], "student/model/model.safetensors"
+        )
+    clean = tmp_path / "clean"
+    res = json.loads((clean / "student" / "result.json").read_text())
+    assert res["on_policy_steps"] == 6 and res["teacher_requests"] == 6 * 4
+    report = json.loads((clean / "report.json").read_text())
+    assert report["teacher"] == {"api": [url], "model": "tiny", "top_logprobs": k}
+    kd = [json.loads(x).get("loss/kd") for x in (clean / "student" / "metrics.jsonl").open()]
+    kd = [v for v in kd if v is not None]
+    assert len(kd) == 6 and all(v > 1e-4 for v in kd)  # two different models

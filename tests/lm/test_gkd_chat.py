@@ -107,3 +107,33 @@ def test_gkd_on_chat_rows_trains_on_the_students_answers(chains, tmp_path, monke
     logged = [json.loads(x) for x in (tmp_path / "g" / "student" / "metrics.jsonl").open()]
     kd = [r["loss/kd"] for r in logged if "loss/kd" in r]
     assert len(kd) == 4 and all(v > 1e-3 for v in kd)  # reverse KL of two different models
+
+
+def test_served_teacher_recipe_is_checked_before_training(chains, tmp_path, capsys):
+    """teacher kind api: the modes it can serve, its temperature, and an endpoint that
+    does not answer, each one line and exit status 2 before any step."""
+    from darkknowledge.cli import main
+
+    base = {
+        "family": "causal_lm",
+        "data": {"kind": "chat", "train": str(chains / "distill.jsonl"),
+                 "val": str(chains / "dev.jsonl"), "max_length": 128},
+        "tokenizer": {"kind": "path", "path": str(chains / "tokenizer")},
+        "teacher": {"kind": "api", "base_url": "http://127.0.0.1:9/v1", "model": "t",
+                    "client": {"max_attempts": 1, "timeout_s": 2}},
+        "student": {"model": {"tiny": "tiny-llama", "config": LLAMA}},
+        "train": {"steps": 2, "batch_size": 2},
+        "distill": {"mode": "gkd", "loss": {"kind": "reverse_kl"}},
+    }  # fmt: skip
+    for over, msg in (
+        ({"mode": "seqkd"}, "distill.mode token or gkd, not 'seqkd'"),
+        ({"loss": {"kind": "reverse_kl", "temperature": 2.0}}, "at temperature 1"),
+    ):
+        with pytest.raises(DKError, match=msg):
+            validate_family({**base, "distill": {**base["distill"], **over}})
+    rf = tmp_path / "r.yaml"
+    rf.write_text(json.dumps(base))
+    assert main(["run", str(rf), "--out", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher unreachable" in err[0], err
+    assert not (tmp_path / "o" / "student").exists()

@@ -457,8 +457,10 @@ class LMTask:
         desc: str = "train",
         teacher_root=None,
         store=None,
+        served=None,
     ):
         self.store = store  # a StoreTeacher: the teacher's signals looked up by block id
+        self.served = served  # an EchoScorer: a served teacher scores the batch's tokens
         self.model, self.tok, self.data, self.cfg, self.dist = model, tok, data, cfg, dist
         self.folder, self.teacher, self.seqkd, self.desc = folder, teacher, seqkd, desc
         # a sharded teacher: the FSDP root whose forward gives its hidden states
@@ -618,6 +620,19 @@ class LMTask:
 
         return target, None
 
+    def _served_target(self, s: LMBatch):
+        """The served teacher's top-k + tail at the batch's labelled positions (its rows,
+        or the student's sampled answers on an on-policy step), scored through echo."""
+        from ..blackbox.echo import batch_target
+
+        ids, lp, tail = (x.to(self.dev) for x in batch_target(
+            self.served, s.input_ids, s.labels, s.valid))  # fmt: skip
+
+        def target(lo, hi):
+            return ids[lo:hi], lp[lo:hi], tail[lo:hi]
+
+        return target
+
     def plain_model(self):
         """The trained model, whole (on every process: collective under FSDP)."""
         if not self.fsdp:
@@ -636,6 +651,8 @@ class LMTask:
                 target, have = self._stored_target(s, valid)
                 if have is not None:  # some positions have no stored signal: CE only there
                     return self._split_loss(rows, labels, target, have.to(dev), spec, norm, parts)
+            if self.served is not None and spec.kd_weight > 0:
+                target = self._served_target(s)
             if self.teacher is not None and spec.kd_weight > 0:
                 tb = t if t is not None else s
                 ens = self.teacher if isinstance(self.teacher, M.LMEnsemble) else None
@@ -779,6 +796,9 @@ def student_card(recipe: LMRecipe, folder: Path, result: dict, model) -> Path:
         teacher = "none (trained on the data alone)"
     elif t.kind == "store":
         teacher = f"signal store {t.path}"
+    elif t.kind == "api":
+        name = repr(t.model) if t.model else "named by DK_TEACHER_MODEL"
+        teacher = f"a served model ({name}), its top {t.top_logprobs} scored through echo"
     elif t.kind == "ensemble":
         names = ", ".join(_model_name(m.model) for m in t.members)
         teacher = f"an ensemble ({t.combine}) of {names}"
@@ -893,7 +913,7 @@ def seqkd_data(recipe: LMRecipe, teacher, data: Data, folder: Path) -> Tensor:
 
 def student_phase(
     recipe, seed, s_tok, data, teacher, folder: Path, resume: bool, seqkd=None, teacher_root=None,
-    store=None,
+    store=None, served=None,
 ):  # fmt: skip
     done = folder / "result.json"
     if done.exists():
@@ -906,9 +926,11 @@ def student_phase(
     model = model.to(dev)
     tr = LMTask(
         model, s_tok, data, cfg, recipe.distill, folder, teacher=teacher, seqkd=seqkd,
-        desc=f"student seed {seed}", teacher_root=teacher_root, store=store,
+        desc=f"student seed {seed}", teacher_root=teacher_root, store=store, served=served,
     )  # fmt: skip
     res = tr.fit(resume)
+    if served is not None:  # sequences this process had scored (since it last resumed)
+        res["teacher_requests"] = served.requests
     res["trainable_params"] = M.param_count(model, trainable=True)
     res["params"] = M.param_count(model)
     res["seed"] = seed
@@ -963,6 +985,11 @@ def run_lm_recipe(
     # ---- pre-flight, before any training (a teacher trained here: its architecture)
     teacher, t_info, probe_t = None, {}, None
     store = open_token_store(recipe, data, s_tok) if _is_store(recipe) else None
+    served = None
+    if getattr(recipe.teacher, "kind", None) == "api":
+        served = recipe.teacher.scorer(s_tok)
+        ddist.on_main(served.probe)
+        t_info = {"api": served.urls, "model": served.model, "top_logprobs": served.k}
     if _model_teacher(recipe) is not None:
         members = recipe.teacher_members()
         if all(m.train is None for m in members):
@@ -999,7 +1026,7 @@ def run_lm_recipe(
         if "val_loss" not in t_info:
             t_info["val_loss"] = val_loss(teacher, data, teacher=True)
         report["teacher"] = t_info
-    elif store is not None:
+    elif store is not None or served is not None:
         report["teacher"] = t_info
     use_teacher = teacher if recipe.distill.mode in ("token", "gkd") else None
     root = None
@@ -1018,7 +1045,7 @@ def run_lm_recipe(
     for s in seed_list:
         folder = out / "student" if seeds is None else out / f"seed_{s}" / "student"
         students[str(s)] = student_phase(
-            recipe, s, s_tok, data, use_teacher, folder, resume, seqkd, root, store
+            recipe, s, s_tok, data, use_teacher, folder, resume, seqkd, root, store, served
         )
     report["students"] = students
     vals = [r["val_loss"] for r in students.values()]

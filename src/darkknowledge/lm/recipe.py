@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Discriminator, Field, Tag, model_validator
 
+from ..blackbox.echo import ServedTeacherSpec
 from ..config import (
     EvalConfig,
     ExistingPath,
@@ -253,7 +254,10 @@ class LMRecipe(Strict):
     data: DataSpec
     tokenizer: TokenizerSpec | None = None
     teacher: (
-        Annotated[TeacherSpec | EnsembleTeacherSpec | StoreTeacherSpec, Field(discriminator="kind")]
+        Annotated[
+            TeacherSpec | EnsembleTeacherSpec | StoreTeacherSpec | ServedTeacherSpec,
+            Field(discriminator="kind"),
+        ]
         | None
     ) = None
     student: StudentSpec
@@ -283,12 +287,6 @@ class LMRecipe(Strict):
                     "given twice; keep one (dk run --seeds runs several)"
                 )
         t = data.get("teacher")
-        if isinstance(t, dict) and t.get("kind") == "api":
-            raise ValueError(
-                "teacher.kind 'api': an API teacher reaches a causal_lm recipe through its "
-                "answers: `dk generate` (sft.jsonl as chat data: sequence-level KD), then "
-                "`dk store from-api` for its top log-probs (teacher: {kind: store})"
-            )
         if isinstance(t, dict) and t.get("train") is not None:
             data["teacher"] = {**t, "train": with_defaults(t["train"], TRAIN_DEFAULTS)}
         if isinstance(t, dict) and isinstance(t.get("members"), list):
@@ -333,6 +331,18 @@ class LMRecipe(Strict):
                 raise ValueError(
                     f"teacher.kind store serves distill.mode token, not {mode!r} (gkd and "
                     "seqkd need the teacher to score or write new text)"
+                )
+        if isinstance(self.teacher, ServedTeacherSpec):
+            if mode not in ("token", "gkd"):
+                raise ValueError(
+                    f"teacher.kind api scores given tokens (completions echo): distill.mode "
+                    f"token or gkd, not {mode!r} (for sequence-level KD from its answers: "
+                    "dk generate, then its sft.jsonl as chat data)"
+                )
+            if self.distill.loss.temperature != 1.0:
+                raise ValueError(
+                    "teacher.kind api: the served log-probs are at temperature 1; set "
+                    "distill.loss.temperature: 1"
                 )
         if mode != "none" and self.teacher is None:
             raise ValueError(f"distill.mode {mode!r} needs a teacher: section")

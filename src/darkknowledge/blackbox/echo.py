@@ -1,0 +1,183 @@
+"""A served teacher's next-token distribution on given token sequences, through the
+completions API's ``echo`` scoring (as ``dk serve-teacher`` and vLLM offer it).
+
+Each sequence is sent as token ids with ``echo: true, max_tokens: 0, logprobs: K``: the
+server generates nothing and returns, for every token after the first, the log-probs of
+its K most probable tokens given what precedes it. A causal_lm recipe with
+``teacher: {kind: api}`` trains on these as a top-k + tail target (the tail is
+1 − Σ of the K probabilities), on the rows of its data or, under ``distill.mode: gkd``,
+on the answers the student sampled: the teacher grades every sampled token without its
+weights ever being on the training machine.
+
+The student's tokenizer must be the served model's: the echoed tokens are checked
+against the ids sent (one line naming the first position that differs), and every
+alternative must decode from exactly one token of it (or be the ``token_id:N`` form some
+servers return).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from ..errors import DKError
+from .client import ApiClient, RetryPolicy
+from .recipe import ClientCfg, TeacherCfg
+
+
+class ServedTeacherSpec(BaseModel):
+    """``teacher: {kind: api}`` of a causal_lm recipe: the endpoint(s), the served
+    model's name and K, the number of alternatives asked per token (at most the server's
+    cap; OpenAI-style servers cap it at 20). The key is read from ``api_key_env``, never
+    from the recipe. Retries and concurrency as in ``dk generate``'s ``client:``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["api"]
+    base_url: list[str] | str | None = None  # env DK_TEACHER_BASE_URL
+    model: str | None = None  # env DK_TEACHER_MODEL
+    api_key_env: str = "DK_TEACHER_API_KEY"
+    top_logprobs: int = Field(20, ge=1)
+    client: ClientCfg = Field(default_factory=ClientCfg)
+
+    def scorer(self, tokenizer) -> EchoScorer:
+        """The scorer (endpoints, model name and key resolved: one line if missing)."""
+        t = TeacherCfg(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env)
+        c = self.client
+        retry = RetryPolicy(c.max_attempts, c.backoff_s, c.max_backoff_s, c.timeout_s)
+        return EchoScorer(t.urls(), t.model_name(), tokenizer, self.top_logprobs,
+                          api_key=t.key(), concurrency=c.concurrency, retry=retry)  # fmt: skip
+
+
+class EchoScorer:
+    """``scorer(seqs)`` → per sequence ``(ids (n-1, K), logprobs (n-1, K))``: row ``j``
+    is the teacher's top K for token ``j + 1`` given tokens ``0..j``."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        model: str,
+        tokenizer,
+        top_logprobs: int,
+        *,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+    ):
+        self.urls, self.model, self.k = urls, model, top_logprobs
+        self.api_key, self.concurrency = api_key, concurrency
+        self.retry = retry or RetryPolicy()
+        self.tok = tokenizer
+        self._ids: dict[str, int] | None = None  # token text → id (-1: several ids)
+        self.requests = 0  # sequences scored (one request each)
+
+    def probe(self) -> None:
+        """Score two tokens once: the endpoint answers, takes K and echoes token ids as
+        the student's tokenizer reads them (one line otherwise, before any training)."""
+        if self.k > len(self.tok):
+            raise DKError(f"teacher.top_logprobs: {self.k} is more than the "
+                          f"{len(self.tok)} tokens of the vocabulary")  # fmt: skip
+        self([[0, 1]])
+        self.requests -= 1
+
+    def __call__(self, seqs: list[list[int]]) -> list[tuple[Tensor, Tensor]]:
+        return asyncio.run(self._score_all(seqs))
+
+    async def _score_all(self, seqs: list[list[int]]):
+        client = ApiClient(
+            self.urls, api="completions", api_key=self.api_key,
+            concurrency=self.concurrency, retry=self.retry,
+        )  # fmt: skip
+        async with client:
+            answers = await asyncio.gather(*(client.request(self._body(s)) for s in seqs))
+        self.requests += len(seqs)
+        return [
+            self._parse(s, a, i) for i, (s, (a, _)) in enumerate(zip(seqs, answers, strict=True))
+        ]
+
+    def _body(self, seq: list[int]) -> dict:
+        return {"model": self.model, "prompt": seq, "echo": True, "max_tokens": 0,
+                "logprobs": self.k, "temperature": 1.0}  # fmt: skip
+
+    def _parse(self, seq: list[int], answer: dict, row: int) -> tuple[Tensor, Tensor]:
+        where = f"teacher echo (row {row})"
+        lp = answer["choices"][0].get("logprobs")
+        if not isinstance(lp, dict):
+            raise DKError(f"{where}: the answer has no logprobs; the endpoint must support "
+                          "completions echo with logprobs (dk serve-teacher, vLLM)")  # fmt: skip
+        toks, tops = lp.get("tokens"), lp.get("top_logprobs")
+        if not isinstance(toks, list) or not isinstance(tops, list) or len(toks) != len(tops):
+            raise DKError(f"{where}: logprobs without matching 'tokens' and 'top_logprobs' lists")
+        if len(toks) != len(seq):
+            raise DKError(
+                f"{where}: {len(seq)} token ids sent, {len(toks)} echoed; the endpoint "
+                "does not echo token-id prompts as sent"
+            )
+        ids = torch.empty(len(seq) - 1, self.k, dtype=torch.long)
+        lps = torch.empty(len(seq) - 1, self.k, dtype=torch.float32)
+        for j in range(1, len(seq)):
+            self._same_token(toks[j], seq[j], f"{where}, token {j}")
+            alts = tops[j]
+            if not isinstance(alts, dict) or len(alts) != self.k:
+                got = len(alts) if isinstance(alts, dict) else "no"
+                raise DKError(
+                    f"{where}, token {j}: {got} alternatives where {self.k} were asked "
+                    "(two tokens that decode alike count once; serve token ids)"
+                )
+            for m, (s, v) in enumerate(alts.items()):
+                if not isinstance(v, (int, float)) or math.isnan(v) or v > 1e-4:
+                    raise DKError(f"{where}, token {j}: log-prob {v!r} of {s!r} is not ≤ 0")
+                ids[j - 1, m] = self._id(s, f"{where}, token {j}")
+                lps[j - 1, m] = min(float(v), 0.0)
+        return ids, lps
+
+    def _id(self, s: str, where: str) -> int:
+        if s.startswith("token_id:") and s[9:].isdigit():
+            return int(s[9:])
+        if self._ids is None:  # each id decoded on its own, as servers report tokens
+            self._ids = {}
+            for i in range(len(self.tok)):
+                t = self.tok.decode([i])
+                self._ids[t] = -1 if t in self._ids else i
+        i = self._ids.get(s)
+        if i is None or i < 0:
+            why = "is no token" if i is None else "decodes from several tokens"
+            raise DKError(f"{where}: the teacher's alternative {s!r} {why} of the student's "
+                          "tokenizer; serve the student's tokenizer (token ids)")  # fmt: skip
+        return i
+
+    def _same_token(self, text, want: int, where: str) -> None:
+        if isinstance(text, str) and text.startswith("token_id:") and text[9:].isdigit():
+            ok = int(text[9:]) == want
+        else:
+            ok = text == self.tok.decode([want])
+        if not ok:
+            raise DKError(
+                f"{where}: the teacher echoed {text!r} for the student's "
+                f"{self.tok.decode([want])!r}; the served model must use the student's tokenizer"
+            )
+
+
+def batch_target(scorer: EchoScorer, input_ids: Tensor, labels: Tensor, valid: Tensor):
+    """The teacher's top-k target at a batch's labelled positions, in the order of
+    ``valid.nonzero()`` (row-major, the order of ``h[valid]``): ``(ids (n, K),
+    logprobs (n, K), tail (n,))``. Row ``i`` is sent up to its last label: the inputs to
+    there and that label (position ``p`` predicts token ``p + 1``)."""
+    valid = valid.cpu()
+    seqs, rows = [], []
+    for i in range(input_ids.shape[0]):
+        pos = valid[i].nonzero().flatten()
+        if len(pos) == 0:
+            continue
+        last = int(pos[-1])
+        seqs.append([*input_ids[i, : last + 1].tolist(), int(labels[i, last])])
+        rows.append((i, pos))
+    scored = scorer(seqs)
+    ids = torch.cat([s[0][pos] for (_, pos), s in zip(rows, scored, strict=True)])
+    lps = torch.cat([s[1][pos] for (_, pos), s in zip(rows, scored, strict=True)])
+    tail = (1.0 - lps.exp().sum(-1)).clamp_min(0.0)
+    return ids, lps, tail
