@@ -234,7 +234,8 @@ def test_chat_gkd_on_policy(tmp_path: Path):
     }
     rf = tmp_path / "gkd.yaml"
     rf.write_text(yaml.safe_dump(r))
-    plan = _plan(16, teacher_steps=None, student_ckpts=2, ckpt_every=3)
+    # killed while writing the first checkpoint, then between two checkpoints
+    plan = ["checkpoint@1", "step@2"]
     _kill_and_resume(rf, tmp_path, plan, "student/model/model.safetensors")
     res = json.loads((tmp_path / "killed" / "student" / "result.json").read_text())
     assert res["on_policy_steps"] == 8
@@ -306,9 +307,8 @@ def test_chat_gkd_served_teacher(tmp_path: Path, teacher_process):
         }  # fmt: skip
         rf = tmp_path / "served.yaml"
         rf.write_text(yaml.safe_dump(r))
-        _kill_and_resume(
-            rf, tmp_path, ["checkpoint@1", "step@2"], "student/model/model.safetensors"
-        )
+        # killed at step 5, between the checkpoints of steps 3 and 6
+        _kill_and_resume(rf, tmp_path, ["step@5"], "student/model/model.safetensors")
     clean = tmp_path / "clean"
     res = json.loads((clean / "student" / "result.json").read_text())
     assert res["on_policy_steps"] == 6 and res["teacher_requests"] == 6 * 4
