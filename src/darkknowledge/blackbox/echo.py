@@ -18,7 +18,6 @@ servers return).
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Literal
 
 import torch
@@ -73,6 +72,7 @@ class EchoScorer:
         self.retry = retry or RetryPolicy()
         self.tok = tokenizer
         self._ids: dict[str, int] | None = None  # token text → id (-1: several ids)
+        self._pieces: dict[int, str] = {}  # id → its text (decoded alone)
         self.requests = 0  # sequences scored (one request each)
 
     def probe(self) -> None:
@@ -84,10 +84,15 @@ class EchoScorer:
         self([[0, 1]])
         self.requests -= 1
 
-    def __call__(self, seqs: list[list[int]]) -> list[tuple[Tensor, Tensor]]:
-        return asyncio.run(self._score_all(seqs))
+    def __call__(
+        self, seqs: list[list[int]], starts: list[int] | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Row ``j`` of sequence ``i``'s answer is the top K for its token
+        ``starts[i] + j + 1`` (default start 0: every token after the first)."""
+        starts = starts if starts is not None else [0] * len(seqs)
+        return asyncio.run(self._score_all(seqs, starts))
 
-    async def _score_all(self, seqs: list[list[int]]):
+    async def _score_all(self, seqs: list[list[int]], starts: list[int]):
         client = ApiClient(
             self.urls, api="completions", api_key=self.api_key,
             concurrency=self.concurrency, retry=self.retry,
@@ -96,14 +101,15 @@ class EchoScorer:
             answers = await asyncio.gather(*(client.request(self._body(s)) for s in seqs))
         self.requests += len(seqs)
         return [
-            self._parse(s, a, i) for i, (s, (a, _)) in enumerate(zip(seqs, answers, strict=True))
+            self._parse(s, a, i, start)
+            for i, (s, (a, _), start) in enumerate(zip(seqs, answers, starts, strict=True))
         ]
 
     def _body(self, seq: list[int]) -> dict:
         return {"model": self.model, "prompt": seq, "echo": True, "max_tokens": 0,
                 "logprobs": self.k, "temperature": 1.0}  # fmt: skip
 
-    def _parse(self, seq: list[int], answer: dict, row: int) -> tuple[Tensor, Tensor]:
+    def _parse(self, seq: list[int], answer: dict, row: int, start: int) -> tuple[Tensor, Tensor]:
         where = f"teacher echo (row {row})"
         lp = answer["choices"][0].get("logprobs")
         if not isinstance(lp, dict):
@@ -117,10 +123,12 @@ class EchoScorer:
                 f"{where}: {len(seq)} token ids sent, {len(toks)} echoed; the endpoint "
                 "does not echo token-id prompts as sent"
             )
-        ids = torch.empty(len(seq) - 1, self.k, dtype=torch.long)
-        lps = torch.empty(len(seq) - 1, self.k, dtype=torch.float32)
+        ids: list[list[int]] = []
+        lps: list[float] = []
         for j in range(1, len(seq)):
-            self._same_token(toks[j], seq[j], f"{where}, token {j}")
+            self._same_token(toks[j], seq[j], where, j)
+            if j <= start:
+                continue
             alts = tops[j]
             if not isinstance(alts, dict) or len(alts) != self.k:
                 got = len(alts) if isinstance(alts, dict) else "no"
@@ -128,14 +136,22 @@ class EchoScorer:
                     f"{where}, token {j}: {got} alternatives where {self.k} were asked "
                     "(two tokens that decode alike count once; serve token ids)"
                 )
-            for m, (s, v) in enumerate(alts.items()):
-                if not isinstance(v, (int, float)) or math.isnan(v) or v > 1e-4:
-                    raise DKError(f"{where}, token {j}: log-prob {v!r} of {s!r} is not ≤ 0")
-                ids[j - 1, m] = self._id(s, f"{where}, token {j}")
-                lps[j - 1, m] = min(float(v), 0.0)
-        return ids, lps
+            ids.append([self._id(a, where, j) for a in alts])
+            lps.extend(alts.values())
+        try:
+            lp_t = torch.tensor(lps, dtype=torch.float64)
+        except (TypeError, ValueError):
+            lp_t = None
+        if lp_t is None or bool(lp_t.isnan().any()) or bool((lp_t > 1e-4).any()):
+            bad = next(v for v in lps if not isinstance(v, (int, float)) or not v <= 1e-4)
+            raise DKError(f"{where}: a log-prob of {bad!r}, not a number ≤ 0")
+        lp_t = lp_t.clamp_max(0.0).to(torch.float32).reshape(len(ids), self.k)
+        return torch.tensor(ids, dtype=torch.long).reshape(len(ids), self.k), lp_t
 
-    def _id(self, s: str, where: str) -> int:
+    def _id(self, s: str, where: str, j: int) -> int:
+        i = self._ids.get(s) if self._ids is not None else None
+        if i is not None and i >= 0:
+            return i
         if s.startswith("token_id:") and s[9:].isdigit():
             return int(s[9:])
         if self._ids is None:  # each id decoded on its own, as servers report tokens
@@ -143,21 +159,22 @@ class EchoScorer:
             for i in range(len(self.tok)):
                 t = self.tok.decode([i])
                 self._ids[t] = -1 if t in self._ids else i
-        i = self._ids.get(s)
-        if i is None or i < 0:
-            why = "is no token" if i is None else "decodes from several tokens"
-            raise DKError(f"{where}: the teacher's alternative {s!r} {why} of the student's "
-                          "tokenizer; serve the student's tokenizer (token ids)")  # fmt: skip
-        return i
+            return self._id(s, where, j)
+        why = "is no token" if i is None else "decodes from several tokens"
+        raise DKError(f"{where}, token {j}: the teacher's alternative {s!r} {why} of the "
+                      "student's tokenizer; serve the student's tokenizer (token ids)")  # fmt: skip
 
-    def _same_token(self, text, want: int, where: str) -> None:
+    def _same_token(self, text, want: int, where: str, j: int) -> None:
         if isinstance(text, str) and text.startswith("token_id:") and text[9:].isdigit():
             ok = int(text[9:]) == want
         else:
-            ok = text == self.tok.decode([want])
+            piece = self._pieces.get(want)
+            if piece is None:
+                piece = self._pieces[want] = self.tok.decode([want])
+            ok = text == piece
         if not ok:
             raise DKError(
-                f"{where}: the teacher echoed {text!r} for the student's "
+                f"{where}, token {j}: the teacher echoed {text!r} for the student's "
                 f"{self.tok.decode([want])!r}; the served model must use the student's tokenizer"
             )
 
@@ -166,18 +183,20 @@ def batch_target(scorer: EchoScorer, input_ids: Tensor, labels: Tensor, valid: T
     """The teacher's top-k target at a batch's labelled positions, in the order of
     ``valid.nonzero()`` (row-major, the order of ``h[valid]``): ``(ids (n, K),
     logprobs (n, K), tail (n,))``. Row ``i`` is sent up to its last label: the inputs to
-    there and that label (position ``p`` predicts token ``p + 1``)."""
+    there and that label (position ``p`` predicts token ``p + 1``); its alternatives are
+    read from its first label on."""
     valid = valid.cpu()
-    seqs, rows = [], []
+    seqs, starts, rows = [], [], []
     for i in range(input_ids.shape[0]):
         pos = valid[i].nonzero().flatten()
         if len(pos) == 0:
             continue
-        last = int(pos[-1])
+        first, last = int(pos[0]), int(pos[-1])
         seqs.append([*input_ids[i, : last + 1].tolist(), int(labels[i, last])])
-        rows.append((i, pos))
-    scored = scorer(seqs)
-    ids = torch.cat([s[0][pos] for (_, pos), s in zip(rows, scored, strict=True)])
-    lps = torch.cat([s[1][pos] for (_, pos), s in zip(rows, scored, strict=True)])
+        starts.append(first)
+        rows.append(pos - first)
+    scored = scorer(seqs, starts)
+    ids = torch.cat([s[0][r] for r, s in zip(rows, scored, strict=True)])
+    lps = torch.cat([s[1][r] for r, s in zip(rows, scored, strict=True)])
     tail = (1.0 - lps.exp().sum(-1)).clamp_min(0.0)
     return ids, lps, tail
