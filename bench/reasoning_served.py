@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from darkknowledge.store.format import atomic_write_bytes
 from reasoning_capacity import EVAL, ROOT, dk
-from reasoning_grid import STUDENTS, _cpu, _record
+from reasoning_grid import STUDENTS, _cpu, _record, interval, paired_bootstrap
 
 R = ROOT / "runs" / "reasoning"
 RECIPE = ROOT / "recipes" / "reasoning" / "student_onpolicy_served.yaml"
@@ -60,6 +60,9 @@ def run_seed(seed: int) -> None:
                     if server.poll() is not None:
                         raise SystemExit(f"dk serve-teacher exited; see {log}") from None
                     time.sleep(0.2)
+            time.sleep(1.0)
+            if server.poll() is not None:  # another process answered on the port
+                raise SystemExit(f"port {PORT} is taken by another process; see {log}")
             before = _server_cpu(server.pid)
             verified = STUDENTS / f"verified_s{seed}" / "student" / "model"
             args = ["run", str(RECIPE), f"train.seed={seed}", f"student.model.path={verified}",
@@ -111,7 +114,27 @@ def table(seeds: list[int]) -> dict:
               f"{a['greedy']:.3f} | {b.get('greedy', float('nan')):.3f} | "
               f"{r['served_train_cpu_s'] / 60:.1f} + {r['served_server_cpu_s'] / 60:.1f} | "
               f"{r['in_process_train_cpu_s'] / 60:.1f} |")  # fmt: skip
-    return {"rows": rows, "eval": " ".join(EVAL), "recipe": str(RECIPE.relative_to(ROOT))}
+    out = {"rows": rows, "eval": " ".join(EVAL), "recipe": str(RECIPE.relative_to(ROOT))}
+    both = [r for r in rows if r["in_process"] is not None]
+    if len(both) >= 2:
+        served = [r["served"]["pass@1"] for r in both]
+        out["served_pass@1"] = interval(served)
+        out["in_process_pass@1"] = interval([r["in_process"]["pass@1"] for r in both])
+        out["served_minus_in_process"] = paired_bootstrap(
+            served, [r["in_process"]["pass@1"] for r in both]
+        )
+        cont = [_metrics(STUDENTS / f"continued_s{r['seed']}") for r in both]
+        if all(c is not None for c in cont):
+            out["served_minus_continued"] = paired_bootstrap(served, [c["pass@1"] for c in cont])
+        for k in ("served_pass@1", "in_process_pass@1"):
+            d = out[k]
+            print(f"{k}: {d['mean']:.3f} ({d.get('lo', float('nan')):.3f}–"
+                  f"{d.get('hi', float('nan')):.3f})")  # fmt: skip
+        for k in ("served_minus_in_process", "served_minus_continued"):
+            if k in out:
+                p = out[k]
+                print(f"{k}: {p['diff']:+.3f} (bootstrap 95 % {p['lo']:+.3f} to {p['hi']:+.3f})")
+    return out
 
 
 def main() -> None:
