@@ -10,9 +10,11 @@ on the answers the student sampled: the teacher grades every sampled token witho
 weights ever being on the training machine.
 
 The student's tokenizer must be the served model's: the echoed tokens are checked
-against the ids sent (one line naming the first position that differs), and every
-alternative must decode from exactly one token of it (or be the ``token_id:N`` form some
-servers return).
+against the ids sent (one line naming the first position that differs). Tokens are asked
+for as ids (``return_tokens_as_token_ids``, which dk serve-teacher and vLLM take), since
+several tokens may decode to one text (the byte pieces of a character); a server that
+refuses the field is asked for texts, and then every alternative must decode from
+exactly one token of the tokenizer.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ..errors import DKError
-from .client import ApiClient, RetryPolicy
+from .client import ApiClient, RetryPolicy, TeacherRejected
 from .recipe import ClientCfg, TeacherCfg
+from .sampler import LOGPROB_FLOOR
 
 
 class ServedTeacherSpec(BaseModel):
@@ -74,6 +77,7 @@ class EchoScorer:
         self._ids: dict[str, int] | None = None  # token text → id (-1: several ids)
         self._pieces: dict[int, str] = {}  # id → its text (decoded alone)
         self.requests = 0  # sequences scored (one request each)
+        self.as_ids = True  # ask for tokens as token_id:N (probe: unless the server refuses)
 
     def probe(self) -> None:
         """Score two tokens once: the endpoint answers, takes K and echoes token ids as
@@ -81,7 +85,13 @@ class EchoScorer:
         if self.k > len(self.tok):
             raise DKError(f"teacher.top_logprobs: {self.k} is more than the "
                           f"{len(self.tok)} tokens of the vocabulary")  # fmt: skip
-        self([[0, 1]])
+        try:
+            self([[0, 1]])
+        except TeacherRejected as e:
+            if "return_tokens_as_token_ids" not in str(e):
+                raise
+            self.as_ids = False  # a server without the field: token texts
+            self([[0, 1]])
         self.requests -= 1
 
     def __call__(
@@ -106,8 +116,9 @@ class EchoScorer:
         ]
 
     def _body(self, seq: list[int]) -> dict:
-        return {"model": self.model, "prompt": seq, "echo": True, "max_tokens": 0,
+        body = {"model": self.model, "prompt": seq, "echo": True, "max_tokens": 0,
                 "logprobs": self.k, "temperature": 1.0}  # fmt: skip
+        return body | ({"return_tokens_as_token_ids": True} if self.as_ids else {})
 
     def _parse(self, seq: list[int], answer: dict, row: int, start: int) -> tuple[Tensor, Tensor]:
         where = f"teacher echo (row {row})"
@@ -145,14 +156,15 @@ class EchoScorer:
         if lp_t is None or bool(lp_t.isnan().any()) or bool((lp_t > 1e-4).any()):
             bad = next(v for v in lps if not isinstance(v, (int, float)) or not v <= 1e-4)
             raise DKError(f"{where}: a log-prob of {bad!r}, not a number ≤ 0")
-        lp_t = lp_t.clamp_max(0.0).to(torch.float32).reshape(len(ids), self.k)
+        # -inf (an impossible token): the floor servers write in JSON, as a finite number
+        lp_t = lp_t.clamp(LOGPROB_FLOOR, 0.0).to(torch.float32).reshape(len(ids), self.k)
         return torch.tensor(ids, dtype=torch.long).reshape(len(ids), self.k), lp_t
 
     def _id(self, s: str, where: str, j: int) -> int:
         i = self._ids.get(s) if self._ids is not None else None
         if i is not None and i >= 0:
             return i
-        if s.startswith("token_id:") and s[9:].isdigit():
+        if s.startswith("token_id:") and s[9:].isdigit() and int(s[9:]) < len(self.tok):
             return int(s[9:])
         if self._ids is None:  # each id decoded on its own, as servers report tokens
             self._ids = {}

@@ -136,6 +136,8 @@ class CompletionRequest(_Req):
     logprobs: int | None = Field(None, ge=0)
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1)
+    # vLLM's: log-prob tokens as ``token_id:N`` (tokens that decode alike stay apart)
+    return_tokens_as_token_ids: bool | None = False
 
 
 def request_models(vocab: int, max_top: int) -> tuple[type, type]:

@@ -41,6 +41,7 @@ class Token:
     offset: int
     logprob: float | None = None  # None: a prompt's first token (nothing predicts it)
     top: list[tuple[str, float]] | None = None  # the k most probable tokens, best first
+    top_ids: list[int] | None = None  # their ids (two tokens may decode alike)
 
 
 @dataclass
@@ -242,6 +243,7 @@ class Generator:
                         if tv is not None
                         else []
                     )
+                    tok.top_ids = list(ti[i - 1]) if ti is not None else []
                 off += len(tok.text)
                 out.append(tok)
         return out
@@ -338,6 +340,13 @@ class Generator:
         chosen = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).tolist()
         tv, ti = self._top(lp, top) if top else ([[]] * len(ids), [[]] * len(ids))
         return [
-            Token(i, self.piece(i), 0, c, [(self.piece(a), v) for a, v in zip(ai, av, strict=True)])
+            Token(
+                i,
+                self.piece(i),
+                0,
+                c,
+                [(self.piece(a), v) for a, v in zip(ai, av, strict=True)],
+                list(ai),
+            )
             for i, c, av, ai in zip(ids, chosen, tv, ti, strict=True)
         ]

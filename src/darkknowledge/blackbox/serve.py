@@ -19,6 +19,9 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
   ``max_tokens: 0`` scores a given text without generating. ``prompt`` may be a text,
   a list of texts, token ids, or lists of token ids (choice ``i*n + j`` is sample ``j`` of
   prompt ``i``).
+- ``return_tokens_as_token_ids: true`` (completions, as vLLM offers it): the log-prob
+  tokens and alternatives as ``token_id:N``, so that tokens which decode alike (byte
+  pieces of one character, ``▁the`` and ``the``) stay apart.
 - Chat ``content`` is a string or a list of ``text`` parts (joined by newlines).
 - Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for
   a malformed body and for each field the server would otherwise have to ignore
@@ -82,11 +85,21 @@ def _top_dict(top: list[tuple[str, float]] | None) -> dict | None:
     return d
 
 
-def _legacy_lp(tokens: list[Token]) -> dict:
+def _legacy_lp(tokens: list[Token], as_ids: bool = False) -> dict:
+    """Completions ``logprobs``; ``as_ids``: each token as ``token_id:N`` (vLLM's
+    ``return_tokens_as_token_ids``), so two tokens that decode alike are told apart."""
+    if as_ids:
+        tops = [
+            None if t.top is None
+            else {f"token_id:{i}": v for i, (_, v) in zip(t.top_ids, t.top, strict=True)}
+            for t in tokens
+        ]  # fmt: skip
+    else:
+        tops = [_top_dict(t.top) for t in tokens]
     return {
-        "tokens": [t.text for t in tokens],
+        "tokens": [f"token_id:{t.id}" if as_ids else t.text for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [_top_dict(t.top) for t in tokens],
+        "top_logprobs": tops,
         "text_offset": [t.offset for t in tokens],
     }
 
@@ -308,18 +321,19 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
         max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         kw = sampling(req, n, max_tokens, top)
         echo = bool(req.echo)
+        as_ids = bool(req.return_tokens_as_token_ids)
         n_prompt = sum(len(ids) for _, ids, _ in prompts)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(completion_chunks(head("text_completion"), prompts, kw, echo, usage,
-                                          n_prompt))  # fmt: skip
+                                          n_prompt, as_ids))  # fmt: skip
         with closing(completion_pieces(prompts, kw, echo)) as pieces:
             samples = collect(pieces, n * len(prompts))
         choices = [
             {
                 "index": i,
                 "text": s.text,
-                "logprobs": None if top is None else _legacy_lp(s.tokens),
+                "logprobs": None if top is None else _legacy_lp(s.tokens, as_ids),
                 "finish_reason": s.finish,
             }
             for i, s in enumerate(samples)
@@ -343,12 +357,16 @@ def create_app(gen: Generator, model_name: str, max_top_logprobs: int = 20):
                         t.offset += len(text)
                     yield piece
 
-    def completion_chunks(h: dict, prompts, kw: dict, echo: bool, usage: bool, n_prompt: int):
+    def completion_chunks(
+        h: dict, prompts, kw: dict, echo: bool, usage: bool, n_prompt: int, as_ids: bool
+    ):
         extra = {"usage": None} if usage else {}
         n_out = 0
         with closing(completion_pieces(prompts, kw, echo)) as pieces:
             for p in pieces:
-                lp = _legacy_lp(p.tokens) if kw["top_logprobs"] is not None and p.tokens else None
+                lp = None
+                if kw["top_logprobs"] is not None and p.tokens:
+                    lp = _legacy_lp(p.tokens, as_ids)
                 n_out += p.n_tokens
                 yield h | {"choices": [{"index": p.index, "text": p.text, "logprobs": lp,
                                         "finish_reason": p.finish}]} | extra  # fmt: skip
