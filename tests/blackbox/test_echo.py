@@ -111,7 +111,7 @@ def test_a_server_without_token_ids_is_asked_for_texts():
 
     sc = Fake(["http://127.0.0.1:9/v1"], "t", char_tokenizer("abc"), 2)
     sc.refuse = "unknown field return_tokens_as_token_ids"
-    sc.probe()
+    assert sc.probe() is False
     assert not sc.as_ids and "return_tokens_as_token_ids" not in sc._body([0, 1])
     sc = Fake(["http://127.0.0.1:9/v1"], "t", char_tokenizer("abc"), 2)
     sc.refuse = "logprobs=2 is above this server's cap"

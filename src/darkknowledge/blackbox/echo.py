@@ -79,9 +79,10 @@ class EchoScorer:
         self.requests = 0  # sequences scored (one request each)
         self.as_ids = True  # ask for tokens as token_id:N (probe: unless the server refuses)
 
-    def probe(self) -> None:
+    def probe(self) -> bool:
         """Score two tokens once: the endpoint answers, takes K and echoes token ids as
-        the student's tokenizer reads them (one line otherwise, before any training)."""
+        the student's tokenizer reads them (one line otherwise, before any training).
+        Whether the server names tokens by id (``as_ids``, for the other processes)."""
         if self.k > len(self.tok):
             raise DKError(f"teacher.top_logprobs: {self.k} is more than the "
                           f"{len(self.tok)} tokens of the vocabulary")  # fmt: skip
@@ -93,6 +94,7 @@ class EchoScorer:
             self.as_ids = False  # a server without the field: token texts
             self([[0, 1]])
         self.requests -= 1
+        return self.as_ids
 
     def __call__(
         self, seqs: list[list[int]], starts: list[int] | None = None

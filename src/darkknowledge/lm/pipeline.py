@@ -988,7 +988,7 @@ def run_lm_recipe(
     served = None
     if getattr(recipe.teacher, "kind", None) == "api":
         served = recipe.teacher.scorer(s_tok)
-        ddist.on_main(served.probe)
+        served.as_ids = ddist.on_main(served.probe)  # (every process asks alike)
         t_info = {"api": served.urls, "model": served.model, "top_logprobs": served.k}
     if _model_teacher(recipe) is not None:
         members = recipe.teacher_members()
