@@ -117,3 +117,14 @@ def test_a_server_without_token_ids_is_asked_for_texts():
     sc.refuse = "logprobs=2 is above this server's cap"
     with pytest.raises(TeacherRejected, match="cap"):
         sc.probe()
+
+
+def test_a_batch_without_labels_asks_nothing(scorer):
+    """A micro-batch with no labelled position (rows whose answers came out empty): an
+    empty target, and no request (the endpoint here does not answer)."""
+    from darkknowledge.blackbox.echo import batch_target
+
+    x = torch.zeros(2, 5, dtype=torch.long)
+    y = torch.full((2, 5), -100)
+    ids, lps, tail = batch_target(scorer, x, y, y != -100)
+    assert ids.shape == lps.shape == (0, 2) and tail.shape == (0,)

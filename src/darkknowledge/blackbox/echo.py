@@ -209,6 +209,9 @@ def batch_target(scorer: EchoScorer, input_ids: Tensor, labels: Tensor, valid: T
         seqs.append([*input_ids[i, : last + 1].tolist(), int(labels[i, last])])
         starts.append(first)
         rows.append(pos - first)
+    if not seqs:  # no labelled position (no request): an empty target, as h[valid] is
+        k = scorer.k
+        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0)
     scored = scorer(seqs, starts)
     ids = torch.cat([s[0][r] for r, s in zip(rows, scored, strict=True)])
     lps = torch.cat([s[1][r] for r, s in zip(rows, scored, strict=True)])
