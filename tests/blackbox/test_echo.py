@@ -109,6 +109,10 @@ def test_a_server_without_token_ids_is_asked_for_texts():
                 raise TeacherRejected(f"rejected (400): {self.refuse}")
             return []
 
+        async def _send(self, bodies):
+            toks = [self.tok.decode([i]) for i in bodies[0]["prompt"]]
+            return [({"choices": [{"text": "", "logprobs": {"tokens": toks}}]}, False)]
+
     sc = Fake(["http://127.0.0.1:9/v1"], "t", char_tokenizer("abc"), 2)
     sc.refuse = "unknown field return_tokens_as_token_ids"
     assert sc.probe() is False

@@ -291,8 +291,15 @@ def test_chat_gkd_served_teacher(tmp_path: Path, teacher_process):
         assert served > 1e-3 and abs(served - local) < 1e-5
         # a student whose tokenizer is not the served model's: one line, before any step
         other = hfio.char_tokenizer("".join(reversed(sorted(set(tok.decode(range(len(tok))))))))
+        # (its ids past the served vocabulary: the server's own 400)
+        with pytest.raises(DKError, match=r"not in the vocabulary"):
+            EchoScorer([url], "tiny", other, k).probe()
+        # as many tokens, other ids: the echoed texts differ (the answers by id cannot tell)
+        chars = "".join(tok.decode([i]) for i in range(2, len(tok)))
+        same_size = hfio.char_tokenizer(chars.replace("a", "~"))
+        assert len(same_size) == len(tok)
         with pytest.raises(DKError, match="must use the student's tokenizer"):
-            batch_target(EchoScorer([url], "tiny", other, k), x, y, b.valid)
+            EchoScorer([url], "tiny", same_size, k).probe()
 
         # 2. dk run with the served teacher, killed and resumed
         r = {

@@ -80,19 +80,36 @@ class EchoScorer:
         self.as_ids = True  # ask for tokens as token_id:N (probe: unless the server refuses)
 
     def probe(self) -> bool:
-        """Score two tokens once: the endpoint answers, takes K and echoes token ids as
-        the student's tokenizer reads them (one line otherwise, before any training).
-        Whether the server names tokens by id (``as_ids``, for the other processes)."""
+        """Before any training (one line otherwise): the endpoint answers, echoes tokens
+        spread over the vocabulary as the student's tokenizer decodes them, and scores
+        two tokens with K alternatives. Whether the server names tokens by id
+        (``as_ids``, handed to the other processes)."""
         if self.k > len(self.tok):
             raise DKError(f"teacher.top_logprobs: {self.k} is more than the "
                           f"{len(self.tok)} tokens of the vocabulary")  # fmt: skip
+        # the echoed texts of tokens spread over the vocabulary: the served tokenizer is
+        # the student's (answers by id cannot tell; special tokens may echo as "")
+        special = set(getattr(self.tok, "all_special_ids", None) or [])
+        n = len(self.tok)
+        seq = [i for i in range(0, n, max(n // 64, 1)) if i not in special][:64]
+        seq = seq if len(seq) >= 2 else [0, 1]
+        body = self._body(seq) | {"logprobs": 1}
+        body.pop("return_tokens_as_token_ids", None)
+        ((answer, _),) = asyncio.run(self._send([body]))
+        lp = answer["choices"][0].get("logprobs") or {}
+        toks = lp.get("tokens") if isinstance(lp, dict) else None
+        if not isinstance(toks, list) or len(toks) != len(seq):
+            raise DKError("teacher echo: the endpoint does not echo token-id prompts with "
+                          "logprobs (dk serve-teacher, vLLM do)")  # fmt: skip
+        for j, (t, i) in enumerate(zip(toks, seq, strict=True)):
+            self._same_token(t, i, "teacher echo (probe)", j)
         try:
-            self([[0, 1]])
+            self([seq[:2]])
         except TeacherRejected as e:
             if "return_tokens_as_token_ids" not in str(e):
                 raise
             self.as_ids = False  # a server without the field: token texts
-            self([[0, 1]])
+            self([seq[:2]])
         self.requests -= 1
         return self.as_ids
 
@@ -104,13 +121,16 @@ class EchoScorer:
         starts = starts if starts is not None else [0] * len(seqs)
         return asyncio.run(self._score_all(seqs, starts))
 
-    async def _score_all(self, seqs: list[list[int]], starts: list[int]):
+    async def _send(self, bodies: list[dict]) -> list:
         client = ApiClient(
             self.urls, api="completions", api_key=self.api_key,
             concurrency=self.concurrency, retry=self.retry,
         )  # fmt: skip
         async with client:
-            answers = await asyncio.gather(*(client.request(self._body(s)) for s in seqs))
+            return await asyncio.gather(*(client.request(b) for b in bodies))
+
+    async def _score_all(self, seqs: list[list[int]], starts: list[int]):
+        answers = await self._send([self._body(s) for s in seqs])
         self.requests += len(seqs)
         return [
             self._parse(s, a, i, start)
