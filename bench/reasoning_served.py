@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from darkknowledge.blackbox.serve import start_server
 from darkknowledge.store.format import atomic_write_bytes
 from reasoning_capacity import EVAL, ROOT, dk
 from reasoning_grid import STUDENTS, _cpu, _record, interval, paired_bootstrap
@@ -47,22 +46,8 @@ def run_seed(seed: int) -> None:
     run, log = STUDENTS / name, STUDENTS / f"{name}.log"
     if not (run / "report.json").exists():
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-        cmd = [sys.executable, "-m", "darkknowledge.cli", "serve-teacher", str(TEACHER),
-               "--port", str(PORT), "--model-name", "reasoning-teacher", "-q"]  # fmt: skip
-        with open(log, "a") as f:
-            server = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        server, _ = start_server(TEACHER, log, name="reasoning-teacher", port=PORT, env=env)
         try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v1/models", timeout=1)
-                    break
-                except OSError:
-                    if server.poll() is not None:
-                        raise SystemExit(f"dk serve-teacher exited; see {log}") from None
-                    time.sleep(0.2)
-            time.sleep(1.0)
-            if server.poll() is not None:  # another process answered on the port
-                raise SystemExit(f"port {PORT} is taken by another process; see {log}")
             before = _server_cpu(server.pid)
             verified = STUDENTS / f"verified_s{seed}" / "student" / "model"
             args = ["run", str(RECIPE), f"train.seed={seed}", f"student.model.path={verified}",

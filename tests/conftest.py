@@ -1,10 +1,5 @@
 import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -61,28 +56,16 @@ def one_thread():
 @contextlib.contextmanager
 def _teacher_process(model_dir: Path, name: str):
     """``dk serve-teacher MODEL_DIR`` in its own process on a free loopback port, until
-    it answers ``GET /models``: its base URL (the process is killed on exit)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "darkknowledge", "serve-teacher", str(model_dir),
-           "--port", str(port), "--model-name", name, "-q"]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
+    it answers ``GET /models``: its base URL (the process is killed on exit; its output
+    is in ``serve-NAME.log`` beside the model folder)."""
+    from darkknowledge.blackbox.serve import start_server
+
+    proc, url = start_server(model_dir, Path(model_dir).parent / f"serve-{name}.log", name=name)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/models", timeout=1).read()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-2000:]
-                assert time.monotonic() < deadline, "dk serve-teacher did not start"
-                time.sleep(0.2)
         yield url
     finally:
-        server.kill()
-        server.wait()
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

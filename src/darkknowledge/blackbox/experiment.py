@@ -16,9 +16,6 @@ import json
 import math
 import os
 import random
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import torch
 from ..errors import DKError
 from .generate import read_results, run_generate
 from .recipe import GenerateRecipe
+from .serve import start_server
 from .sft import evaluate, train_sft
 from .synthetic import problems, prompt_of
 from .verifiers import build_verifier, final_answer
@@ -61,12 +59,6 @@ def _special(tok) -> dict:
     """Vocabulary size and special ids of a model built for ``tok``."""
     e = tok.eos_token_id
     return dict(vocab_size=len(tok), bos_token_id=e, eos_token_id=e, pad_token_id=e)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _jsonl(path: Path, rows) -> Path:
@@ -135,41 +127,9 @@ def train_teacher(out: Path, cfg: dict, train, dev, verify):
 
 
 def serve(tdir: Path, out: Path):
-    port = _free_port()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = open(out / "serve-teacher.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "darkknowledge.cli",
-            "serve-teacher",
-            str(tdir),
-            "--port",
-            str(port),
-            "--model-name",
-            "arith-teacher",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    import httpx
-
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise DKError(
-                f"dk serve-teacher exited ({proc.returncode}); see {out / 'serve-teacher.log'}"
-            )
-        try:
-            if httpx.get(url + "/models", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise DKError("dk serve-teacher did not come up in 120 s")
+    (out / "serve-teacher.log").unlink(missing_ok=True)  # this run's server only
+    return start_server(tdir, out / "serve-teacher.log", name="arith-teacher", env=env)
 
 
 def variant_pairs(results: list[dict], variant: str, seed: int) -> list[tuple[str, str]]:

@@ -33,6 +33,10 @@ prompt are generated as one batch (see :mod:`.sampler`).
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from contextlib import closing
@@ -49,7 +53,7 @@ from .openai_api import (
 )
 from .sampler import Generator, Piece, Token, collect
 
-__all__ = ["Generator", "create_app", "load_generator", "serve_teacher"]
+__all__ = ["Generator", "create_app", "load_generator", "serve_teacher", "start_server"]
 
 CHAT_MAX_TOKENS = 256  # chat's default max_tokens
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -406,3 +410,44 @@ def serve_teacher(
     print(f"serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0
+
+
+def start_server(
+    model_dir: str | Path,
+    log: str | Path,
+    *,
+    name: str,
+    port: int | None = None,
+    env: dict | None = None,
+    wait_s: float = 120.0,
+) -> tuple[subprocess.Popen, str]:
+    """``dk serve-teacher MODEL_DIR`` in its own process, its output appended to ``log``,
+    on ``port`` of the loopback (a free one when None); returns once it answers
+    ``GET /models``: (the process, its base URL). The caller stops the process. One line
+    (the process killed) when the port is taken, or the server exits or stays silent."""
+    import httpx
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port or 0))
+        except OSError:
+            raise DKError(f"port {port} is taken by another process") from None
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "darkknowledge.cli", "serve-teacher", str(model_dir),
+           "--port", str(port), "--model-name", name]  # fmt: skip
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or os.environ)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DKError(f"dk serve-teacher exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(url + "/models", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise DKError(f"dk serve-teacher did not answer within {wait_s:g} s; see {log}")
