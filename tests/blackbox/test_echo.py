@@ -103,8 +103,7 @@ def test_a_server_without_token_ids_is_asked_for_texts():
     from darkknowledge.blackbox.client import TeacherRejected
 
     class Fake(EchoScorer):
-        def __call__(self, seqs, starts=None):
-            self.requests += 1
+        async def _score_all(self, seqs, starts):
             if self.as_ids:
                 raise TeacherRejected(f"rejected (400): {self.refuse}")
             return []

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..errors import DKError
 from .client import ApiClient, RetryPolicy, TeacherRejected
+from .openai_api import token_id
 from .recipe import ClientCfg, TeacherCfg
 from .sampler import LOGPROB_FLOOR
 
@@ -104,13 +105,12 @@ class EchoScorer:
         for j, (t, i) in enumerate(zip(toks, seq, strict=True)):
             self._same_token(t, i, "teacher echo (probe)", j)
         try:
-            self([seq[:2]])
+            asyncio.run(self._score_all([seq[:2]], [0]))
         except TeacherRejected as e:
             if "return_tokens_as_token_ids" not in str(e):
                 raise
             self.as_ids = False  # a server without the field: token texts
-            self([seq[:2]])
-        self.requests -= 1
+            asyncio.run(self._score_all([seq[:2]], [0]))
         return self.as_ids
 
     def __call__(
@@ -119,7 +119,9 @@ class EchoScorer:
         """Row ``j`` of sequence ``i``'s answer is the top K for its token
         ``starts[i] + j + 1`` (default start 0: every token after the first)."""
         starts = starts if starts is not None else [0] * len(seqs)
-        return asyncio.run(self._score_all(seqs, starts))
+        scored = asyncio.run(self._score_all(seqs, starts))
+        self.requests += len(seqs)
+        return scored
 
     async def _send(self, bodies: list[dict]) -> list:
         client = ApiClient(
@@ -131,7 +133,6 @@ class EchoScorer:
 
     async def _score_all(self, seqs: list[list[int]], starts: list[int]):
         answers = await self._send([self._body(s) for s in seqs])
-        self.requests += len(seqs)
         return [
             self._parse(s, a, i, start)
             for i, (s, (a, _), start) in enumerate(zip(seqs, answers, starts, strict=True))
@@ -183,24 +184,25 @@ class EchoScorer:
         return torch.tensor(ids, dtype=torch.long).reshape(len(ids), self.k), lp_t
 
     def _id(self, s: str, where: str, j: int) -> int:
-        i = self._ids.get(s) if self._ids is not None else None
-        if i is not None and i >= 0:
-            return i
-        if s.startswith("token_id:") and s[9:].isdigit() and int(s[9:]) < len(self.tok):
-            return int(s[9:])
+        named = token_id(s)
+        if named is not None and named < len(self.tok):
+            return named
         if self._ids is None:  # each id decoded on its own, as servers report tokens
             self._ids = {}
             for i in range(len(self.tok)):
                 t = self.tok.decode([i])
                 self._ids[t] = -1 if t in self._ids else i
-            return self._id(s, where, j)
+        i = self._ids.get(s)
+        if i is not None and i >= 0:
+            return i
         why = "is no token" if i is None else "decodes from several tokens"
         raise DKError(f"{where}, token {j}: the teacher's alternative {s!r} {why} of the "
                       "student's tokenizer; serve the student's tokenizer (token ids)")  # fmt: skip
 
     def _same_token(self, text, want: int, where: str, j: int) -> None:
-        if isinstance(text, str) and text.startswith("token_id:") and text[9:].isdigit():
-            ok = int(text[9:]) == want
+        named = token_id(text)
+        if named is not None:
+            ok = named == want
         else:
             piece = self._pieces.get(want)
             if piece is None:

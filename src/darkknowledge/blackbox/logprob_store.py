@@ -26,6 +26,7 @@ from ..signals import Signals
 from ..store import LabelSpec, label
 from ..store.fingerprint import json_digest
 from .generate import read_results
+from .openai_api import token_id
 
 
 def _positions(lp: dict, where: str) -> list[tuple[str, dict[str, float]]]:
@@ -53,9 +54,8 @@ class _TokenIds:
     def __call__(self, s: str, where: str) -> int:
         if s in self.cache:
             return self.cache[s]
-        if s.startswith("token_id:") and s[9:].isdigit():
-            i = int(s[9:])
-        else:
+        i = token_id(s)
+        if i is None:
             ids = self.tok.encode(s, add_special_tokens=False)
             if len(ids) != 1:
                 raise DKError(

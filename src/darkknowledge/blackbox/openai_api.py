@@ -296,3 +296,11 @@ def chat_messages(messages: list[Message]) -> list[dict]:
             msg["name"] = m.name
         out.append(msg)
     return out
+
+
+def token_id(name) -> int | None:
+    """N of a log-prob token named ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``,
+    also dk serve-teacher's), else None (a token text)."""
+    if isinstance(name, str) and name.startswith("token_id:") and name[9:].isdigit():
+        return int(name[9:])
+    return None
